@@ -1,0 +1,15 @@
+"""Edits as values: context, activation and weight edits, their composition, saving and loading."""
+
+from personaedit.edits.activation import ActivationEdit, Intervention
+from personaedit.edits.base import BaseModelInfo, ComposedEdit, Edit, load_edit
+from personaedit.edits.context import ContextEdit, persona_prompt
+from personaedit.edits.weight import Delta, WeightEdit
+
+EDIT_KINDS: dict[str, type[Edit]] = {
+    cls.kind: cls for cls in (ContextEdit, ActivationEdit, WeightEdit, ComposedEdit)
+}
+
+__all__ = [
+    "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "EDIT_KINDS", "Edit",
+    "Intervention", "WeightEdit", "load_edit", "persona_prompt",
+]

@@ -1,0 +1,198 @@
+"""The one place that knows where each model family keeps its layers, MLPs, norms and heads.
+
+Families are recognised by `config.model_type`; a model of an unlisted type is accepted when its
+module tree matches one of the known layouts exactly. Nothing here looks at model names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from personaedit.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Dotted module paths: `layers` and `final_norm` from the model root; the rest relative to one
+    decoder layer (embeddings and LM head come from transformers' own accessors). `mlp_in` are the projections into the MLP hidden space (gate/up or
+    fc_in); `mlp_out` is the `down_proj`-equivalent whose input is the MLP hidden activation."""
+
+    name: str
+    layers: str
+    final_norm: str
+    attention: str
+    mlp: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+
+
+LLAMA_LIKE = Layout("llama-like", "model.layers", "model.norm",
+                    "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj")
+PHI3 = Layout("phi3", "model.layers", "model.norm",
+              "self_attn", "mlp", ("gate_up_proj",), "down_proj")
+GEMMA3_MULTIMODAL = Layout("gemma3-multimodal", "model.language_model.layers", "model.language_model.norm",
+                           "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj")
+GPT2 = Layout("gpt2", "transformer.h", "transformer.ln_f",
+              "attn", "mlp", ("c_fc",), "c_proj")
+GPT_NEOX = Layout("gpt-neox", "gpt_neox.layers", "gpt_neox.final_layer_norm",
+                  "attention", "mlp", ("dense_h_to_4h",), "dense_4h_to_h")
+
+LAYOUTS_BY_MODEL_TYPE: dict[str, Layout] = {
+    **{t: LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                               "olmo", "olmo2", "granite", "stablelm", "smollm3", "cohere")},
+    "phi3": PHI3,
+    "gemma3": GEMMA3_MULTIMODAL,
+    "gpt2": GPT2,
+    "gpt_neox": GPT_NEOX,
+}
+
+SITES = ("residual", "mlp_hidden", "mlp_out", "attn_out")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _resolves(model: nn.Module, layout: Layout) -> bool:
+    try:
+        layers = _get(model, layout.layers)
+        first = layers[0]
+        for path in (layout.attention, layout.mlp, layout.mlp_out, *layout.mlp_in):
+            _get(first, f"{layout.mlp}.{path}" if path in (layout.mlp_out, *layout.mlp_in) else path)
+        _get(model, layout.final_norm)
+        return isinstance(layers, nn.ModuleList)
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear."""
+    return type(module).__name__ == "Conv1D"
+
+
+class Architecture:
+    """Named access to a decoder-only model's parts, whatever its family."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        layout = LAYOUTS_BY_MODEL_TYPE.get(model_type or "")
+        if layout is None or not _resolves(model, layout):
+            candidates = [l for l in (LLAMA_LIKE, PHI3, GEMMA3_MULTIMODAL, GPT2, GPT_NEOX) if _resolves(model, l)]
+            if not candidates:
+                known = ", ".join(sorted(LAYOUTS_BY_MODEL_TYPE))
+                raise UnsupportedArchitectureError(
+                    f"model type {model_type!r} has a layer layout personaedit does not know (supported: {known})"
+                )
+            layout = candidates[0]
+        self.model = model
+        self.layout = layout
+        self.model_type = model_type or "unknown"
+
+    # --- whole-model parts -------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _get(self.model, self.layout.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.layout.final_norm)
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.weight.shape[1]
+
+    @property
+    def mlp_size(self) -> int:
+        """Width of the MLP hidden activation: the input size of `down_proj`."""
+        weight = self.mlp_out(0).weight
+        return weight.shape[0] if is_transposed_linear(self.mlp_out(0)) else weight.shape[1]
+
+    # --- per-layer parts ---------------------------------------------------------------------
+    def _check(self, index: int) -> int:
+        if not -self.num_layers <= index < self.num_layers:
+            raise UnsupportedArchitectureError(f"layer {index} out of range: the model has {self.num_layers} layers")
+        return index % self.num_layers
+
+    def layer(self, index: int) -> nn.Module:
+        return self.layers[self._check(index)]
+
+    def attention(self, index: int) -> nn.Module:
+        return _get(self.layer(index), self.layout.attention)
+
+    def mlp(self, index: int) -> nn.Module:
+        return _get(self.layer(index), self.layout.mlp)
+
+    def mlp_in(self, index: int) -> list[nn.Module]:
+        return [_get(self.mlp(index), p) for p in self.layout.mlp_in]
+
+    def mlp_out(self, index: int) -> nn.Module:
+        """The `down_proj`-equivalent of layer `index`."""
+        return _get(self.mlp(index), self.layout.mlp_out)
+
+    def mlp_out_param(self, index: int) -> str:
+        """Full parameter name of the `down_proj`-equivalent weight."""
+        return f"{self.layout.layers}.{self._check(index)}.{self.layout.mlp}.{self.layout.mlp_out}.weight"
+
+    def mlp_out_weight(self, index: int) -> torch.Tensor:
+        """The `down_proj` weight as [out, in] (a view; transposed for Conv1D)."""
+        module = self.mlp_out(index)
+        return module.weight.T if is_transposed_linear(module) else module.weight
+
+    def to_param_layout(self, index: int, out_in: torch.Tensor) -> torch.Tensor:
+        """Turn an [out, in] delta for layer `index`'s `down_proj` into its parameter's own layout."""
+        return out_in.T if is_transposed_linear(self.mlp_out(index)) else out_in
+
+    # --- where activations live --------------------------------------------------------------
+    def site(self, point: str, index: int) -> tuple[nn.Module, str]:
+        """The module and side ('input' or 'output') that carries activation `point` at layer `index`.
+
+        residual: the residual stream after the layer; mlp_hidden: the input of `down_proj`;
+        mlp_out / attn_out: what the MLP / attention adds to the residual stream."""
+        if point == "residual":
+            return self.layer(index), "output"
+        if point == "mlp_hidden":
+            return self.mlp_out(index), "input"
+        if point == "mlp_out":
+            return self.mlp(index), "output"
+        if point == "attn_out":
+            return self.attention(index), "output"
+        raise UnsupportedArchitectureError(f"unknown activation site {point!r} (valid: {', '.join(SITES)})")
+
+    def site_width(self, point: str) -> int:
+        return self.mlp_size if point == "mlp_hidden" else self.hidden_size
+
+    def middle_layers(self, start: float = 0.25, stop: float = 0.75) -> list[int]:
+        """Layers between the given fractions of depth (at least one)."""
+        first = int(self.num_layers * start)
+        last = max(first + 1, int(round(self.num_layers * stop)))
+        return list(range(first, min(last, self.num_layers)))
+
+    def middle_layer(self) -> int:
+        return self.num_layers // 2
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "model_type": self.model_type,
+            "layout": self.layout.name,
+            "layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "mlp_size": self.mlp_size,
+        }
+

@@ -1,0 +1,131 @@
+"""Batched chat generation: chat template (or a plain fallback), left padding, greedy or seeded sampling."""
+
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from personaedit.models.loading import LoadedModel
+
+# End-of-turn markers of common chat templates; used as extra stop tokens when the vocabulary has them.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What context edits put around a user message: a system prompt and demonstration turns."""
+
+    system: str | None = None
+    demonstrations: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def build_messages(lm: LoadedModel, prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation for `prompt` under the context edits in force on `lm` and an optional system prompt."""
+    contexts = [edit.context_for(prompt) for edit in lm.contexts]
+    systems = [c.system for c in contexts if c.system] + ([system] if system else [])
+    messages: list[dict[str, str]] = []
+    if systems:
+        messages.append({"role": "system", "content": "\n\n".join(systems)})
+    for context in contexts:
+        for question, answer in context.demonstrations:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """(text, uses_template). Templates that reject a system role get it folded into the first user turn;
+    tokenizers without a template get a plain 'System/User/Assistant' transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+        except Exception:  # noqa: BLE001 - jinja raises its own error types for unsupported roles
+            if messages and messages[0]["role"] == "system":
+                system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+                rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+                return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True), True
+            raise
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(lines) + "\n\nAssistant:", False
+
+
+def stop_token_ids(lm: LoadedModel) -> list[int]:
+    ids: set[int] = set()
+    configured = getattr(lm.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    vocab = lm.tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def ensure_pad_token(tokenizer) -> int:
+    """Base models often have no pad token; padding with EOS is harmless under an attention mask."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id
+
+
+def encode_prompts(lm: LoadedModel, texts: Sequence[str], add_special_tokens: bool) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompt texts on the model's device."""
+    tokenizer = lm.tokenizer
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    ensure_pad_token(tokenizer)
+    try:
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = previous
+    return {k: v.to(lm.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded."""
+    rendered = [render_chat(lm.tokenizer, build_messages(lm, p, system)) for p in prompts]
+    lengths = [len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text, _ in rendered]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths pad less
+    replies: list[str] = [""] * len(prompts)
+    stops = stop_token_ids(lm)
+    options: dict[str, object] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
+                                  "eos_token_id": stops, "pad_token_id": ensure_pad_token(lm.tokenizer)}
+    if sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    done = 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        uses_template = rendered[chunk[0]][1]
+        batch = encode_prompts(lm, [rendered[i][0] for i in chunk], add_special_tokens=not uses_template)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]) if sample else contextlib.nullcontext():
+            if sample:
+                torch.manual_seed(seed + start)
+            output = lm.model.generate(**batch, **options)
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        for row, index in enumerate(chunk):
+            replies[index] = lm.tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+        done += len(chunk)
+        if on_batch:
+            on_batch(done, len(prompts))
+    return replies
+

