@@ -166,6 +166,8 @@ class Persona:
         if isinstance(spec, Mapping):
             return cls.from_mapping(spec)
         text = str(spec).strip()
+        if not text:
+            raise PersonaSpecError("a persona needs at least one trait, e.g. extraversion=high")
         if text.endswith((".yaml", ".yml")) or (os.sep in text and Path(text).is_file()):
             path = Path(text)
             if not path.is_file():
@@ -193,7 +195,12 @@ class Persona:
         return dict(self.levels)
 
     def spec(self) -> str:
-        return ",".join(f"{name}={level:g}" for name, level in self.levels)
+        """The spec string that parses back to this persona (poles by name at ±1)."""
+        parts = []
+        for dim, (name, level) in zip(self.dimensions(), self.levels):
+            named = {1.0: dim.high.name, -1.0: dim.low.name}.get(level)
+            parts.append(f"{name}={named or format(level, 'g')}")
+        return ",".join(parts)
 
     def scaled(self, factor: float) -> "Persona":
         """Levels times `factor` (not clipped: a level beyond 1 asks for more than the pole)."""

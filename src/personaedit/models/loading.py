@@ -6,6 +6,7 @@ as a safetensors folder in the user cache, written atomically and guarded by a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -227,10 +228,11 @@ def load_model(
     torch_dtype = pick_dtype(target, dtype)
     is_hub_id = not Path(source).exists()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        with quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         if is_hub_id:
             raise ModelNotFoundError(
@@ -249,6 +251,20 @@ def load_model(
         source=source,
         fingerprint=model_fingerprint(model),
     )
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-tensor progress bars for loads that take a second."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def wrap_model(model: Any, tokenizer: Any, spec: str = "in-memory") -> LoadedModel:

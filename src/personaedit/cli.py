@@ -1,0 +1,232 @@
+"""The `personaedit` command: parse, call the library, print with rich.
+
+Errors a user can cause print one line on stderr and exit with status 2; `--verbose` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from personaedit.errors import InputFileError, PersonaEditError
+
+app = typer.Typer(
+    name="personaedit",
+    help="Edit, steer and measure the personality of open-weight language models, offline.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+_state = {"verbose": False}
+
+MODEL_HELP = "default | a local HF folder | a .gguf file | a hub id already in the local cache"
+
+
+@app.callback()
+def _main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks of errors.")) -> None:
+    _state["verbose"] = verbose
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+    )
+
+
+def _load(model: str, device: Optional[str] = None, dtype: Optional[str] = None, trust_remote_code: bool = False):
+    from personaedit.models import load_model
+
+    with err.status(f"loading {model} (the first use of a GGUF file converts it once, ~30 s)"):
+        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def parse_edit_option(text: str) -> tuple[Path, float]:
+    """`DIR` or `DIR:STRENGTH` -> (folder, strength)."""
+    folder, strength = text, 1.0
+    if ":" in text:
+        head, tail = text.rsplit(":", 1)
+        try:
+            strength = float(tail)
+            folder = head
+        except ValueError:
+            pass
+    return Path(folder), strength
+
+
+def _load_edits(options: List[str]):
+    from personaedit.edits import ComposedEdit, load_edit
+
+    if not options:
+        return None
+    parsed = [parse_edit_option(o) for o in options]
+    edits = [load_edit(folder) for folder, _ in parsed]
+    return ComposedEdit.of(*edits, weights=[s for _, s in parsed])
+
+
+def _read_prompts(prompts: List[str], prompts_file: Optional[Path]) -> list[str]:
+    collected = list(prompts)
+    if prompts_file is not None:
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputFileError(f"cannot read prompts file {prompts_file}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+        collected += [line.strip() for line in text.splitlines() if line.strip()]
+    if not collected:
+        raise InputFileError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return collected
+
+
+@app.command()
+def generate(
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="A user message (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="A file with one prompt per line."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    edit: List[str] = typer.Option([], "--edit", "-e", help="An edit folder, optionally DIR:STRENGTH (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help='One line per prompt: {"prompt": ..., "text": ...}.'),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model of the same shapes."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: by device)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Generate replies to prompts, batched, optionally under edits."""
+    import contextlib
+
+    from personaedit.models import generate as run_generate
+
+    prompts = _read_prompts(prompt, prompts_file)
+    composed = _load_edits(edit)
+    lm = _load(model, device, dtype, trust_remote_code)
+    applied = composed.apply(lm, force=force) if composed else contextlib.nullcontext()
+    with applied, _progress() as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        replies = run_generate(
+            lm, prompts, system=system, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+            seed=seed, batch_size=batch_size, on_batch=lambda done, _: progress.update(task, completed=done),
+        )
+    for question, reply in zip(prompts, replies):
+        if as_json:
+            out.print(json.dumps({"prompt": question, "text": reply}, ensure_ascii=False), markup=False)
+        else:
+            out.print(f"[bold]» {_escape(question)}[/bold]\n{_escape(reply)}\n")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+@app.command()
+def info(
+    edit_dir: Path = typer.Argument(..., help="An edit folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print edit.json as it is."),
+) -> None:
+    """Show what an edit contains: method, persona, base model, and where it acts."""
+    from personaedit.edits import load_edit
+
+    edit = load_edit(edit_dir)
+    if as_json:
+        out.print(json.dumps(edit.metadata(), indent=2, sort_keys=True), markup=False)
+        return
+    _print_edit(edit, indent="")
+
+
+def _print_edit(edit: Any, indent: str) -> None:
+    from personaedit.edits import ActivationEdit, ComposedEdit, ContextEdit, WeightEdit
+
+    out.print(f"{indent}[bold]{edit.kind} edit[/bold] · method [cyan]{edit.method}[/cyan] · scale {edit.scale:g}")
+    if edit.persona:
+        out.print(f"{indent}  persona: {edit.persona.spec()}")
+    if edit.options:
+        out.print(f"{indent}  options: {_escape(json.dumps(edit.options, sort_keys=True))}")
+    if edit.base:
+        b = edit.base
+        out.print(f"{indent}  base model: {b.spec} ({b.model_type}, {b.layers} layers, fingerprint {b.fingerprint})")
+    if isinstance(edit, ContextEdit):
+        if edit.system:
+            out.print(f"{indent}  system prompt: {_escape(edit.system)}")
+        out.print(f"{indent}  demonstrations: {len(edit.demonstrations)}")
+    elif isinstance(edit, ActivationEdit):
+        table = Table("layer", "site", "op", "positions", "neurons touched", "share")
+        for item in edit.interventions:
+            width = None
+            if edit.base:
+                width = edit.base.mlp_size if item.point == "mlp_hidden" else edit.base.hidden_size
+            share = f"{item.touched / width:.2%}" if width else "?"
+            table.add_row(str(item.layer), item.point, item.op, item.positions, str(item.touched), share)
+        out.print(table)
+    elif isinstance(edit, WeightEdit):
+        table = Table("parameter", "shape", "stored as")
+        for name, delta in edit.deltas.items():
+            table.add_row(name, "×".join(map(str, delta.shape)), f"rank-{delta.rank} factors" if delta.rank else "dense")
+        out.print(table)
+    elif isinstance(edit, ComposedEdit):
+        for part, weight in edit.parts:
+            out.print(f"{indent}  part at weight {weight:g}:")
+            _print_edit(part, indent + "    ")
+
+
+@app.command()
+def models() -> None:
+    """List the models this machine can load without a download."""
+    from personaedit.models.listing import available_models
+
+    table = Table("model", "type", "where", "note")
+    for entry in available_models():
+        table.add_row(entry.spec, entry.model_type, entry.location, entry.note)
+    out.print(table)
+
+
+@app.command()
+def demo(
+    persona: str = typer.Option("extraversion=high", "--persona", help="Persona spec, e.g. agreeableness=low."),
+    questions: int = typer.Option(3, "--questions", min=1, max=12, help="How many held-out questions."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+) -> None:
+    """Show the model answering held-out questions plainly and under persona edits, side by side."""
+    from personaedit.demo import demo_questions, run_demo
+    from personaedit.persona import Persona
+
+    target = Persona.parse(persona)
+    lm = _load(model)
+    asked = demo_questions(target, questions)
+    with err.status("generating") as status:
+        result = run_demo(lm, target, asked, max_new_tokens=max_new_tokens,
+                          on_step=lambda title: status.update(f"generating: {title}"))
+    table = Table(title=f"personaedit demo · {lm.spec} · persona {target.spec()}", show_lines=True, expand=True)
+    table.add_column("question", ratio=2, style="bold")
+    for title in result.columns:
+        table.add_column(title, ratio=3)
+    for row, question in enumerate(result.questions):
+        table.add_row(_escape(question), *(_escape(replies[row]) for replies in result.columns.values()))
+    out.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app and turn user errors into one line and exit status 2."""
+    try:
+        app(args=sys.argv[1:] if argv is None else argv, prog_name="personaedit")
+    except PersonaEditError as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        sys.stderr.write(f"error: {lines[0]}\n")
+        sys.exit(2)

@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from personaedit.cli import main, parse_edit_option
+from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
+from personaedit.models import load_model
+from test_loading import save_tiny
+
+
+def run(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return str(save_tiny(tmp_path / "tiny-model"))
+
+
+def test_generate_json_one_line_per_prompt(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tea\n\nplans and lists\n")
+    code, out, _ = run(["generate", "--model", model_dir, "--prompt", "hello", "--prompts-file", str(prompts),
+                        "--json", "--max-new-tokens", "4"], capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [l["prompt"] for l in lines] == ["hello", "tea", "plans and lists"]
+    assert all(isinstance(l["text"], str) for l in lines)
+
+
+def test_generate_with_an_edit_and_strength(model_dir, tmp_path, capsys):
+    lm = load_model(model_dir)
+    edit = ActivationEdit(method="test", base=BaseModelInfo.of(lm),
+                          interventions=(Intervention("residual", 1, torch.linspace(-3, 3, 32)),))
+    edit.save(tmp_path / "edit")
+    base = ["generate", "--model", model_dir, "--prompt", "hello", "--json", "--max-new-tokens", "6"]
+    _, plain, _ = run(base, capsys)
+    code, edited, _ = run(base + ["--edit", f"{tmp_path / 'edit'}:8"], capsys)
+    _, zero, _ = run(base + ["--edit", f"{tmp_path / 'edit'}:0"], capsys)
+    assert code == 0 and edited != plain and zero == plain
+
+
+def test_info_shows_the_edit(model_dir, tmp_path, capsys):
+    lm = load_model(model_dir)
+    edit = ActivationEdit(method="dpnle", base=BaseModelInfo.of(lm), interventions=(
+        Intervention("mlp_hidden", 1, torch.ones(2), torch.tensor([3, 9])),))
+    edit.save(tmp_path / "edit")
+    code, out, _ = run(["info", str(tmp_path / "edit")], capsys)
+    assert code == 0 and "dpnle" in out and "3.12%" in out  # 2 of 64 neurons
+    code, out, _ = run(["info", str(tmp_path / "edit"), "--json"], capsys)
+    assert json.loads(out)["kind"] == "activation"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "no such model folder"),
+    (["generate", "--prompt", "hi", "--edit", "/no/edit"], "not an edit folder"),
+    (["generate", "--model", "/no/such/dir"], "no prompts"),
+    (["generate", "--prompts-file", "/no/file.txt"], "cannot read prompts file"),
+    (["info", "/no/edit"], "not an edit folder"),
+    (["demo", "--persona", "extroversion=high"], "did you mean 'extraversion'"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, _ = run(["generate", "--bogus"], capsys)
+    assert code == 2
+
+
+def test_installed_command_exits_2_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "personaedit", "generate", "--model", "/no/such/dir",
+                             "--prompt", "hi"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: no such model folder: /no/such/dir\n"
+
+
+def test_parse_edit_option():
+    assert parse_edit_option("out/e:0.5") == (Path("out/e"), 0.5)
+    assert parse_edit_option("out/e") == (Path("out/e"), 1.0)
+    assert parse_edit_option("out/e:-2")[1] == -2.0

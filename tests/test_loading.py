@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from personaedit.errors import ModelNotFoundError, PersonaEditError
+from personaedit.models import load_model
+from personaedit.models.loading import _cache_is_valid, _stamp_files, cache_dir, model_fingerprint, pick_dtype
+from tiny import tiny_hf_model, tiny_tokenizer
+
+
+def save_tiny(folder, family="llama"):
+    tiny_hf_model(family).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_loads_a_local_hf_folder(tmp_path):
+    lm = load_model(str(save_tiny(tmp_path / "m")), device="cpu")
+    assert lm.arch.num_layers == 3 and lm.dtype == torch.float32 and lm.device.type == "cpu"
+    assert lm.fingerprint == model_fingerprint(tiny_hf_model("llama"))
+
+
+def test_dtype_override(tmp_path):
+    lm = load_model(str(save_tiny(tmp_path / "m")), dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16
+    # The fingerprint does not depend on the dtype the same weights were loaded in.
+    assert lm.fingerprint == model_fingerprint(tiny_hf_model("llama"))
+    with pytest.raises(PersonaEditError, match="unknown dtype"):
+        pick_dtype(torch.device("cpu"), "float8")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/no/such/dir", "no such model folder"),
+    ("./missing", "no such model folder"),
+    ("/tmp/missing.gguf", "no such GGUF file"),
+    ("someone/not-cached-model", "not in the local Hugging Face cache"),
+])
+def test_missing_models_are_clear_errors(spec, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError, match=message):
+        load_model(spec)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path / "x"))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSONAEDIT_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+
+
+def test_cache_checksum_detects_corruption(tmp_path):
+    folder = tmp_path / "cached"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    (folder / "personaedit-cache.json").write_text(json.dumps({"files": _stamp_files(folder)}))
+    assert _cache_is_valid(folder)
+    (folder / "model.safetensors").write_bytes(b"WEIGHTS" * 100)  # same size, new time, other bytes
+    assert not _cache_is_valid(folder)
+    (folder / "personaedit-cache.json").unlink()
+    assert not _cache_is_valid(folder)
