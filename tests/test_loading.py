@@ -63,3 +63,21 @@ def test_cache_checksum_detects_corruption(tmp_path):
     assert not _cache_is_valid(folder)
     (folder / "personaedit-cache.json").unlink()
     assert not _cache_is_valid(folder)
+
+
+def test_hub_id_is_loaded_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache layout, offline (no network is touched)."""
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    save_tiny(snapshot)
+    (hub / "models--someone--tiny-llama" / "refs").mkdir(parents=True)
+    (hub / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("transformers.utils.hub.HF_HUB_CACHE", str(hub), raising=False)
+    lm = load_model("someone/tiny-llama")
+    assert lm.arch.num_layers == 3 and lm.spec == "someone/tiny-llama"
+    from personaedit.models.listing import available_models
+
+    listed = {e.spec: e for e in available_models()}
+    assert listed["someone/tiny-llama"].model_type == "llama" and "default" in listed

@@ -60,3 +60,10 @@ def test_cli_generate_on_the_default_model():
     )
     assert result.returncode == 0, result.stderr
     assert '"prompt": "Say hello."' in result.stdout
+
+
+def test_a_gguf_path_loads_like_default(lm):
+    from personaedit.models.loading import default_model_gguf
+
+    by_path = load_model(str(default_model_gguf()))
+    assert by_path.fingerprint == lm.fingerprint and by_path.source == lm.source
