@@ -1,0 +1,1 @@
+"""Measurement: judges, metrics, suites."""
