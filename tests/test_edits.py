@@ -5,9 +5,10 @@ import torch
 from safetensors import safe_open
 
 from personaedit.edits import (
-    ActivationEdit, BaseModelInfo, ComposedEdit, ContextEdit, Delta, Intervention, WeightEdit, load_edit, persona_prompt,
+    ActivationEdit, BaseModelInfo, ComposedEdit, ContextEdit, Delta, Intervention, WeightEdit, load_edit,
 )
 from personaedit.errors import EditError
+from personaedit.methods.prompt import prompt_edit
 from personaedit.models import generate
 from personaedit.models.generation import build_messages
 from personaedit.models.hooks import generated_from
@@ -247,7 +248,7 @@ def test_load_rejects_malformed_folders(tmp_path):
 
 
 def test_persona_prompt_strength_sets_intensity(lm):
-    edit = persona_prompt("extraversion=high")
+    edit = prompt_edit("extraversion=high")
     with edit.apply(lm, 0.3):
         weak = build_messages(lm, "hi")[0]["content"]
     with edit.apply(lm, -1.0):

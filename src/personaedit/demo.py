@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from personaedit.data import records
-from personaedit.edits import Edit, persona_prompt
+from personaedit.edits import Edit
+from personaedit.methods.prompt import prompt_edit
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Persona
 
@@ -37,8 +38,8 @@ def run_demo(
     """Answer `questions` with the plain model and under each edit of the persona."""
     edits: dict[str, Edit | None] = {
         "plain model": None,
-        f"prompt: {persona.spec()}": persona_prompt(persona),
-        f"prompt: {persona.scaled(-1).spec()}": persona_prompt(persona.scaled(-1)),
+        f"prompt: {persona.spec()}": prompt_edit(persona),
+        f"prompt: {persona.scaled(-1).spec()}": prompt_edit(persona.scaled(-1)),
     }
     columns: dict[str, list[str]] = {}
     for title, edit in edits.items():

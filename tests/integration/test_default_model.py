@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from personaedit.edits import ActivationEdit, BaseModelInfo, Delta, Intervention, WeightEdit, persona_prompt
+from personaedit.edits import ActivationEdit, BaseModelInfo, Delta, Intervention, WeightEdit
+from personaedit.methods.prompt import prompt_edit
 from personaedit.models import generate, load_model
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def test_edit_applied_and_removed_leaves_every_parameter_bit_identical(lm):
                            interventions=(Intervention("residual", 15, torch.randn(576, generator=gen)),))
     question = ["What do you like to do at the weekend?"]
     plain = generate(lm, question, max_new_tokens=12)
-    with (weights + steer + persona_prompt("extraversion=high")).apply(lm, 2.0):
+    with (weights + steer + prompt_edit("extraversion=high")).apply(lm, 2.0):
         edited = generate(lm, question, max_new_tokens=12)
         changed = sum(not torch.equal(v, saved[k]) for k, v in lm.model.state_dict().items())
     assert changed == 11 and edited != plain

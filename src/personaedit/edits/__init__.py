@@ -2,7 +2,7 @@
 
 from personaedit.edits.activation import ActivationEdit, Intervention
 from personaedit.edits.base import BaseModelInfo, ComposedEdit, Edit, load_edit
-from personaedit.edits.context import ContextEdit, persona_prompt
+from personaedit.edits.context import ContextEdit, context_renderer
 from personaedit.edits.weight import Delta, WeightEdit
 
 EDIT_KINDS: dict[str, type[Edit]] = {
@@ -11,5 +11,5 @@ EDIT_KINDS: dict[str, type[Edit]] = {
 
 __all__ = [
     "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "EDIT_KINDS", "Edit",
-    "Intervention", "WeightEdit", "load_edit", "persona_prompt",
+    "Intervention", "WeightEdit", "context_renderer", "load_edit",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Iterator
 from personaedit.edits.base import Edit, common_fields
 from personaedit.models.generation import Context
 from personaedit.models.loading import LoadedModel
-from personaedit.persona import Persona, describe
+from personaedit.persona import Persona
 
 # Methods whose context depends on strength register how to render it: (persona, options, strength) -> Context.
 CONTEXT_RENDERERS: dict[str, Callable[[Persona, dict[str, Any], float], Context]] = {}
@@ -37,6 +37,10 @@ class ContextEdit(Edit):
     def context_at(self, strength: float) -> Context | None:
         if strength == 0:
             return None
+        if self.method not in CONTEXT_RENDERERS:
+            from personaedit.methods.registry import all_methods
+
+            all_methods()  # importing the method modules registers their renderers
         renderer = CONTEXT_RENDERERS.get(self.method)
         if renderer is not None and self.persona is not None:
             return renderer(self.persona, self.options, strength)
@@ -69,16 +73,6 @@ class ContextEdit(Edit):
 class _ActiveContext:
     context: Context
 
-    def context_for(self, prompt: str) -> Context:  # noqa: ARG002 - routing edits look at the prompt
-        return self.context
+    def context_for(self, prompt: str) -> Context:
+        return self.context.for_message(prompt)
 
-
-@context_renderer("persona-prompt")
-def render_persona_prompt(persona: Persona, options: dict[str, Any], strength: float) -> Context:
-    return Context(system=describe(persona.scaled(strength), options.get("adjectives_per_trait")) or None)
-
-
-def persona_prompt(persona: Persona | str) -> ContextEdit:
-    """A plain persona system prompt (adjectives of each target pole with intensity words)."""
-    persona = Persona.parse(persona)
-    return ContextEdit(method="persona-prompt", persona=persona, system=describe(persona))

@@ -17,10 +17,23 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endof
 
 @dataclass(frozen=True)
 class Context:
-    """What context edits put around a user message: a system prompt and demonstration turns."""
+    """What context edits put around a user message: a system prompt and demonstration turns.
+
+    When `topics` names each demonstration's topic, demonstrations about a topic the message mentions
+    are left out, and at most `k` are used (IKE draws its demonstrations from other topics)."""
 
     system: str | None = None
     demonstrations: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    topics: tuple[str, ...] = ()
+    k: int | None = None
+
+    def for_message(self, prompt: str) -> "Context":
+        if not self.topics and self.k is None:
+            return self
+        text = prompt.lower()
+        kept = [d for i, d in enumerate(self.demonstrations)
+                if i >= len(self.topics) or not self.topics[i] or self.topics[i].lower() not in text]
+        return Context(self.system, tuple(kept[: self.k]))
 
 
 def build_messages(lm: LoadedModel, prompt: str, system: str | None = None) -> list[dict[str, str]]:
@@ -85,6 +98,12 @@ def encode_prompts(lm: LoadedModel, texts: Sequence[str], add_special_tokens: bo
     finally:
         tokenizer.padding_side = previous
     return {k: v.to(lm.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding shifts them otherwise,
+    which matters for models with absolute position embeddings such as GPT-2)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def generate(

@@ -1,0 +1,108 @@
+"""Collect activations at named sites for a batch of chat prompts: the one implementation that steer,
+npti and dpnle share. Results are cached on disk per (model fingerprint, prompts, sites, reduction).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from personaedit.fileio import atomic_path
+from personaedit.models.generation import build_messages, encode_prompts, position_ids, render_chat
+from personaedit.models.hooks import hook_site
+from personaedit.models.loading import LoadedModel, cache_dir
+
+Site = tuple[str, int]  # (point, layer), e.g. ("mlp_hidden", 12)
+REDUCTIONS = ("last", "mean", "firing")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested activation has been recorded."""
+
+
+def _stop_forward(_module, _args, _output):
+    raise _StopForward
+
+
+def _cache_key(lm: LoadedModel, texts: Sequence[str], sites: Sequence[Site], reduce: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([lm.fingerprint, reduce, [list(s) for s in sites]]).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()[:24]
+
+
+def render_prompts(lm: LoadedModel, prompts: Sequence[tuple[str | None, str]]) -> tuple[list[str], bool]:
+    """(system, user) pairs -> chat texts as generation would see them, and whether a template was used."""
+    rendered = [render_chat(lm.tokenizer, build_messages(lm, user, system)) for system, user in prompts]
+    return [text for text, _ in rendered], bool(rendered and rendered[0][1])
+
+
+def capture(
+    lm: LoadedModel,
+    prompts: Sequence[tuple[str | None, str]],
+    sites: Sequence[Site],
+    *,
+    reduce: str = "last",
+    batch_size: int = 16,
+    use_cache: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[Site, torch.Tensor]:
+    """Activations [n_prompts, width] per site, in float32 on the CPU.
+
+    reduce='last': the activation at the last prompt token (the one that predicts the reply);
+    'mean': the mean over the prompt's real tokens; 'firing': the share of real tokens where the
+    activation is > 0 (NPTI's firing frequency)."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}")
+    texts, templated = render_prompts(lm, prompts)
+    key = _cache_key(lm, texts, sites, reduce)
+    path = cache_dir() / "activations" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        stored = load_file(str(path))
+        return {site: stored[f"{site[0]}.{site[1]}"] for site in sites}
+
+    collected: dict[Site, list[torch.Tensor]] = {site: [] for site in sites}
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def recorder(site: Site):
+        def record(hidden: torch.Tensor) -> None:
+            mask = mask_holder["mask"].to(hidden.dtype).unsqueeze(-1)  # [batch, seq, 1]
+            if reduce == "last":
+                value = hidden[:, -1, :]  # left padding: the last position is every prompt's last token
+            elif reduce == "mean":
+                value = (hidden * mask).sum(1) / mask.sum(1)
+            else:
+                value = ((hidden > 0).to(hidden.dtype) * mask).sum(1) / mask.sum(1)
+            collected[site].append(value.detach().to("cpu", torch.float32))
+            return None
+
+        return record
+
+    handles = [hook_site(lm.arch, point, layer, recorder((point, layer))) for point, layer in sites]
+    # Nothing after the deepest site is needed: stop the forward pass there (saves the upper layers
+    # and the vocabulary projection).
+    handles.append(lm.arch.layer(max(layer for _, layer in sites)).register_forward_hook(_stop_forward))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = encode_prompts(lm, texts[start:start + batch_size], add_special_tokens=not templated)
+                mask_holder["mask"] = batch["attention_mask"]
+                try:
+                    lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+                except _StopForward:
+                    pass
+                if on_progress:
+                    on_progress(min(start + batch_size, len(texts)), len(texts))
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {site: torch.cat(chunks) for site, chunks in collected.items()}
+    if use_cache:
+        with atomic_path(path) as tmp:
+            save_file({f"{p}.{l}": t.contiguous() for (p, l), t in result.items()}, str(tmp))
+    return result

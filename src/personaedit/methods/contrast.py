@@ -1,0 +1,88 @@
+"""Shared pieces of the activation methods: contrastive prompt pairs, per-dimension fitting, statistics."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from personaedit.data import records
+from personaedit.edits import Intervention
+from personaedit.errors import PersonaEditError
+from personaedit.persona import Dimension, Persona
+
+Prompt = tuple[str, str]  # (system, user)
+
+
+@dataclass(frozen=True)
+class ContrastivePairs:
+    """The same questions asked under a high-pole and a low-pole persona description."""
+
+    dimension: str
+    high: list[Prompt]
+    low: list[Prompt]
+
+
+def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", seed: int = 0) -> ContrastivePairs:
+    """`n` pairs (description of the high pole, question) / (description of the low pole, same question).
+
+    Questions are the split's situational questions (all traits) and neutral questions; descriptions are
+    the split's paraphrases of each pole. Distinct combinations are used before any repeats."""
+    high_texts = [r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.high.name)]
+    low_texts = [r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.low.name)]
+    questions = [r["question"] for r in records("situational_questions", split)]
+    questions += [r["question"] for r in records("neutral_questions", split)]
+    combos = [(q, h, l) for q in questions for h in range(len(high_texts)) for l in range(len(low_texts))]
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    chosen = [combos[i % len(combos)] for i in range(n)]
+    return ContrastivePairs(
+        dim.name,
+        high=[(high_texts[h], q) for q, h, _ in chosen],
+        low=[(low_texts[l], q) for q, _, l in chosen],
+    )
+
+
+def cohens_d(high: torch.Tensor, low: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-column Cohen's d with the pooled standard deviation (unbiased variances, ε in the root)."""
+    n_h, n_l = high.shape[0], low.shape[0]
+    pooled = ((n_h - 1) * high.var(0, unbiased=True) + (n_l - 1) * low.var(0, unbiased=True)) / (n_h + n_l - 2)
+    return (high.mean(0) - low.mean(0)) / torch.sqrt(pooled + eps)
+
+
+def probe_accuracy(high: torch.Tensor, low: torch.Tensor) -> float:
+    """Held-out accuracy of a mean-difference linear probe (fit on even rows, tested on odd rows)."""
+    train_h, test_h, train_l, test_l = high[0::2], high[1::2], low[0::2], low[1::2]
+    direction = train_h.mean(0) - train_l.mean(0)
+    threshold = (train_h.mean(0) + train_l.mean(0)) @ direction / 2
+    correct = (test_h @ direction > threshold).sum() + (test_l @ direction <= threshold).sum()
+    return float(correct) / (test_h.shape[0] + test_l.shape[0])
+
+
+def per_dimension(
+    persona: Persona, fit_one: Callable[[Dimension, float], list[Intervention]]
+) -> tuple[Intervention, ...]:
+    """Interventions for every dimension of the persona (each fitted once, scaled by its signed level)."""
+    items: list[Intervention] = []
+    for dim, (_, level) in zip(persona.dimensions(), persona.levels):
+        if level != 0:
+            items += fit_one(dim, level)
+    return tuple(items)
+
+
+def parse_layers(spec: str | int | None, num_layers: int, default: list[int]) -> list[int]:
+    """'12', '10-20' or '4,8,12' -> sorted layer indices; None or 'auto' -> `default`."""
+    if spec is None or spec == "auto":
+        return default
+    layers: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise PersonaEditError(f"bad layers {spec!r}: use 12, 10-20 or 4,8,12") from None
+    if not layers or any(not 0 <= layer < num_layers for layer in layers):
+        raise PersonaEditError(f"layers {spec!r} out of range: the model has layers 0-{num_layers - 1}")
+    return sorted(set(layers))

@@ -1,0 +1,60 @@
+"""Mean-difference steering (CAA / ActAdd style): v = mean(high) − mean(low) of residual-stream
+activations at the last prompt token, for the same questions under high- and low-pole personas;
+at inference add strength·level·v to the residual stream at one layer.
+
+The layer is given or chosen where a linear probe separates the poles best on held-out pairs
+(among the middle half of the layers; ties go to the larger separation relative to the spread).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
+from personaedit.methods.capture import capture
+from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
+from personaedit.methods.registry import method
+from personaedit.models import LoadedModel
+from personaedit.persona import Dimension, Persona
+
+
+def _separation(high: torch.Tensor, low: torch.Tensor) -> float:
+    spread = torch.cat([high - high.mean(0), low - low.mean(0)]).norm(dim=1).mean()
+    return float((high.mean(0) - low.mean(0)).norm() / (spread + 1e-8))
+
+
+@method("steer", family="activation")
+def fit(
+    lm: LoadedModel,
+    persona: Persona,
+    *,
+    layer: str = "auto",
+    pairs: int = 256,
+    scale: float = 1.0,
+    prompt_too: bool = False,
+    seed: int = 0,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ActivationEdit:
+    """Mean-difference residual steering from contrastive persona pairs."""
+    candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
+    chosen: dict[str, dict[str, float]] = {}
+
+    def fit_one(dim: Dimension, level: float) -> list[Intervention]:
+        data = contrastive_pairs(dim, pairs, seed=seed)
+        sites = [("residual", l) for l in candidates]
+        high = capture(lm, data.high, sites, batch_size=batch_size, on_progress=on_progress)
+        low = capture(lm, data.low, sites, batch_size=batch_size, on_progress=on_progress)
+        ranked = {l: (probe_accuracy(high[s], low[s]), _separation(high[s], low[s])) for l, s in zip(candidates, sites)}
+        best = max(candidates, key=lambda l: ranked[l])
+        vector = high[("residual", best)].mean(0) - low[("residual", best)].mean(0)
+        chosen[dim.name] = {"layer": best, "probe_accuracy": ranked[best][0], "separation": ranked[best][1]}
+        return [Intervention("residual", best, vector * (level * scale),
+                             positions="all" if prompt_too else "generated")]
+
+    interventions = per_dimension(persona, fit_one)
+    options = {"layer": layer, "pairs": pairs, "scale": scale, "prompt_too": prompt_too, "seed": seed, "fitted": chosen}
+    return ActivationEdit(method="steer", persona=persona, options=options, base=BaseModelInfo.of(lm),
+                          interventions=interventions)
