@@ -90,3 +90,29 @@ def test_parse_edit_option():
     assert parse_edit_option("out/e:0.5") == (Path("out/e"), 0.5)
     assert parse_edit_option("out/e") == (Path("out/e"), 1.0)
     assert parse_edit_option("out/e:-2")[1] == -2.0
+
+
+def test_edit_command_fits_saves_and_is_usable(model_dir, tmp_path, capsys):
+    out = tmp_path / "steer-edit"
+    code, _, err = run(["edit", "steer", "--model", model_dir, "--persona", "extraversion=high", "--out", str(out),
+                        "--pairs", "8", "--layer", "1"], capsys)
+    assert code == 0 and "saved activation edit" in err
+    code, info_out, _ = run(["info", str(out)], capsys)
+    assert code == 0 and "steer" in info_out and "residual" in info_out
+    code, again, _ = run(["edit", "steer", "--model", model_dir, "--persona", "extraversion=high", "--out", str(out)], capsys)
+    assert code == 2  # an existing edit is only replaced with --force
+    code, _, _ = run(["generate", "--model", model_dir, "--prompt", "hi", "--edit", f"{out}:2", "--json",
+                      "--max-new-tokens", "3"], capsys)
+    assert code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "steer", "--persona", "extroversion=high", "--out", "x"], "did you mean 'extraversion'"),
+    (["edit", "dpnle", "--persona", "extraversion=high", "--out", "x", "--layers", "99", "--model"], None),
+])
+def test_edit_command_errors(args, message, model_dir, capsys):
+    if args[-1] == "--model":
+        args = args + [model_dir]
+        message = "out of range"
+    code, _, err = run(args, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -41,6 +41,7 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+        disable=not err.is_terminal,  # no bar in logs and pipes, where it would only add blank lines
     )
 
 
@@ -131,6 +132,84 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+edit_app = typer.Typer(help="Fit an edit with a method and save it: personaedit edit METHOD --persona SPEC --out DIR.",
+                       no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(edit_app, name="edit")
+
+
+def _option_type(annotation: Any) -> Any:
+    """`int | None` -> Optional[int], which typer understands on every Python version."""
+    import types
+    import typing
+
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return Optional[args[0]]
+    return annotation
+
+
+def _edit_command(name: str):
+    """A typer command for one method, its options taken from the method's fit signature."""
+    import inspect
+    import typing
+
+    from personaedit.methods import get_method
+
+    chosen = get_method(name)
+    hints = typing.get_type_hints(chosen.fit)
+    method_options = chosen.options()
+
+    def command(model: str, persona: str, out: Path, device: Optional[str], force: bool, **options: Any) -> None:
+        from personaedit.edits import Edit
+        from personaedit.persona import Persona
+
+        target = Persona.parse(persona)
+        if out.exists() and any(out.iterdir()) and not (out / "edit.json").exists():
+            raise InputFileError(f"refusing to overwrite {out}: it exists and is not an edit folder")
+        if (out / "edit.json").exists() and not force:
+            raise InputFileError(f"{out} already holds an edit; pass --force to replace it")
+        lm = _load(model, device)
+        kwargs = dict(options)
+        with _progress() as progress:
+            if "on_progress" in inspect.signature(chosen.fit).parameters:
+                task = progress.add_task(f"{name}: collecting activations", total=None)
+                kwargs["on_progress"] = lambda done, total: progress.update(task, completed=done, total=total)
+            edit: Edit = chosen.fit(lm, target, **kwargs)
+        edit.save(out)
+        out_console = f"saved {edit.kind} edit ({name}, persona {target.spec()}) to {out}"
+        err.print(out_console)
+
+    params = [
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("default", "--model", "-m", help=MODEL_HELP)),
+        inspect.Parameter("persona", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option(..., "--persona", "-p", help="e.g. extraversion=high,agreeableness=-0.5")),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                          default=typer.Option(..., "--out", "-o", help="Folder to write the edit to.")),
+        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--device", help="cpu | cuda | mps")),
+        inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--force", help="Replace an edit already in --out.")),
+    ]
+    for option, param in method_options.items():
+        flag = "--" + option.replace("_", "-")
+        params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(hints[option]),
+                                        default=typer.Option(param.default, flag)))
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = chosen.summary
+    return command
+
+
+def _register_edit_commands() -> None:
+    from personaedit.methods import all_methods
+
+    for name in all_methods():
+        edit_app.command(name=name)(_edit_command(name))
+
+
+_register_edit_commands()
 
 
 @app.command()
