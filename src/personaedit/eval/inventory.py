@@ -1,0 +1,441 @@
+"""Inventory self-report (MPI style): the model rates questionnaire statements about itself.
+
+Big Five: the IPIP-NEO-120 items (public domain, shipped in the PyPI package `ffm`), each asked as
+"Statement: You {item}." with five options (A) Very Accurate ... (E) Very Inaccurate. MBTI-style axes:
+the project's forced-choice items (package data `mbti_items`) with two options (A)/(B).
+
+An answer is read from the next-token probabilities of the option letters after the assistant turn
+starts with "Answer: (": the expected score under the renormalised letter probabilities and the score of
+the most likely letter, each averaged over the normal and the reversed option order (cancels position
+bias). Reverse-keyed items score 6 - s. Everything the caller put in force (context, activation and
+weight edits) applies, since prompts go through the same chat rendering and forward pass as generation.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import inspect
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from personaedit.data import records
+from personaedit.errors import InputFileError, PersonaEditError
+from personaedit.models.generation import build_messages, ensure_pad_token, render_chat
+from personaedit.models.hooks import generated_from
+from personaedit.models.loading import LoadedModel
+from personaedit.persona import BIG_FIVE, MBTI
+
+Progress = Callable[[int, int], None]
+
+LIKERT_LABELS = ("Very Accurate", "Moderately Accurate", "Neither Accurate Nor Inaccurate",
+                 "Moderately Inaccurate", "Very Inaccurate")  # scores 5, 4, 3, 2, 1
+LIKERT_LETTERS = ("A", "B", "C", "D", "E")
+MBTI_LETTERS = ("A", "B")
+LIKERT_INSTRUCTION = ("Read the statement and choose the option that shows how accurately it describes you. "
+                      "Reply with the letter of one option.")
+MBTI_INSTRUCTION = "Read the question and choose the option that describes you better. Reply with A or B."
+ANSWER_PREFIX = "Answer: ("
+FFM_INSTALL = "pip install ffm==0.1.0"
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+@dataclass(frozen=True)
+class Item:
+    """One IPIP-NEO-120 item: its number (1-120), the first-person text as `ffm` ships it, and its key."""
+
+    number: int
+    text: str
+    trait: str
+    facet: str
+    reverse_keyed: bool
+
+    @property
+    def statement(self) -> str:
+        """The item addressed to the model: 'I worry about things.' -> 'You worry about things.'"""
+        return second_person(self.text)
+
+
+_SECOND_PERSON = ((r"\bI'm\b", "you're"), (r"\bI am\b", "you are"), (r"\bI\b", "you"),
+                  (r"\bmyself\b", "yourself"), (r"\bmy\b", "your"), (r"\bme\b", "you"))
+
+
+def second_person(text: str) -> str:
+    """A first-person item (or an IPIP verb phrase such as 'Worry about things') as a 'You ...' sentence."""
+    text = text.strip()
+    if not re.match(r"I\b", text):
+        text = "I " + text[0].lower() + text[1:]
+    for pattern, replacement in _SECOND_PERSON:
+        text = re.sub(pattern, replacement, text)
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def ipip_neo_120() -> list[Item]:
+    """The 120 IPIP-NEO items with trait, NEO facet and keying, read from the installed `ffm` package."""
+    return list(_ipip_items())
+
+
+@functools.lru_cache(maxsize=1)
+def _ipip_items() -> tuple[Item, ...]:
+    statements, trait_items, reverse_items = _ffm_tables()
+    items: dict[int, Item] = {}
+    for ffm_trait, numbers in trait_items.items():
+        trait = ffm_trait.lower()
+        # IPIP-NEO-120 order: within a trait the items cycle through its six NEO facets.
+        for position, index in enumerate(sorted(numbers)):
+            facet = BIG_FIVE[trait].facets[position % 6]
+            items[index] = Item(index + 1, statements[index], trait, facet, index in reverse_items[ffm_trait])
+    return tuple(items[i] for i in sorted(items))
+
+
+def _ffm_tables() -> tuple[list[str], dict[str, list[int]], dict[str, set[int]]]:
+    """(statements, trait -> 0-based item indices, trait -> reverse-keyed indices) from ffm's source.
+
+    ffm keeps the keys as literals inside its `score` function; they are read with `ast.literal_eval`
+    (nothing of ffm's scoring runs, so pandas is not needed)."""
+    try:
+        from FFM import core
+    except ImportError as exc:
+        raise InputFileError(f"the IPIP-NEO-120 items come from the package 'ffm', which is not installed: "
+                             f"{FFM_INSTALL}") from exc
+    literals: dict[str, Any] = {}
+    try:
+        tree = ast.parse(inspect.getsource(core))
+        score_fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "score")
+        for node in ast.walk(score_fn):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id in ("trait_items", "reverse_items"):
+                    literals[node.targets[0].id] = ast.literal_eval(node.value)
+        statements = [str(s) for s in core.Qs]
+        trait_items = {str(t): [int(i) for i in v] for t, v in literals["trait_items"].items()}
+        reverse_items = {str(t): {int(i) for i in v} for t, v in literals["reverse_items"].items()}
+    except (StopIteration, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError) as exc:
+        raise InputFileError(f"the installed ffm does not hold the IPIP-NEO-120 tables where expected "
+                             f"({type(exc).__name__}); {FFM_INSTALL}") from exc
+    _check_tables(statements, trait_items, reverse_items)
+    return statements, trait_items, reverse_items
+
+
+def _check_tables(statements: list[str], trait_items: dict[str, list[int]],
+                  reverse_items: dict[str, set[int]]) -> None:
+    traits = {t.lower() for t in trait_items}
+    indices = sorted(i for v in trait_items.values() for i in v)
+    problems = []
+    if len(statements) != 120:
+        problems.append(f"{len(statements)} statements")
+    if traits != set(BIG_FIVE):
+        problems.append(f"traits {sorted(traits)}")
+    if indices != list(range(120)) or any(len(v) != 24 for v in trait_items.values()):
+        problems.append("items not 24 per trait")
+    if any(not reverse_items.get(t, set()) <= set(v) for t, v in trait_items.items()):
+        problems.append("reverse keys outside their trait")
+    if problems:
+        raise InputFileError(f"the installed ffm does not ship the IPIP-NEO-120 as expected "
+                             f"({'; '.join(problems)}); {FFM_INSTALL}")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+def likert_options(reversed_order: bool = False) -> list[tuple[str, str, int]]:
+    """(letter, label, score) per option; normal order (A) Very Accurate = 5, reversed (A) Very Inaccurate = 1."""
+    labels = list(zip(LIKERT_LABELS, (5, 4, 3, 2, 1)))
+    if reversed_order:
+        labels.reverse()
+    return [(letter, label, score) for letter, (label, score) in zip(LIKERT_LETTERS, labels)]
+
+
+def likert_prompt(item: Item, reversed_order: bool = False) -> str:
+    """The user message for one IPIP item."""
+    options = "\n".join(f"({letter}) {label}" for letter, label, _ in likert_options(reversed_order))
+    return f"{LIKERT_INSTRUCTION}\nStatement: {item.statement}\nOptions:\n{options}"
+
+
+def mbti_prompt(row: Mapping[str, Any], swapped: bool = False) -> str:
+    """The user message for one forced-choice MBTI item (`swapped`: option_b is shown as (A))."""
+    first, second = (row["option_b"], row["option_a"]) if swapped else (row["option_a"], row["option_b"])
+    return f"{MBTI_INSTRUCTION}\nQuestion: {row['question']}\n(A) {first}\n(B) {second}"
+
+
+def scoring_text(lm: LoadedModel, prompt: str) -> tuple[str, bool]:
+    """(text, uses_template): `prompt` as a chat under the context edits in force, with the assistant turn
+    begun by 'Answer: (' so that the next token is an option letter."""
+    text, uses_template = render_chat(lm.tokenizer, build_messages(lm, prompt))
+    return text + ("" if uses_template else " ") + ANSWER_PREFIX, uses_template
+
+
+def option_token_ids(tokenizer, text: str, letters: Sequence[str], add_special_tokens: bool) -> list[int]:
+    """The token id of each letter as it follows `text` (checked: text + letter = text's tokens + one)."""
+    base = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    ids = []
+    for letter in letters:
+        extended = tokenizer(text + letter, add_special_tokens=add_special_tokens)["input_ids"]
+        if len(extended) != len(base) + 1 or extended[:-1] != base:
+            raise PersonaEditError(f"this tokenizer does not encode option letter {letter!r} as one token after "
+                                   f"{ANSWER_PREFIX!r}; the inventory cannot be scored from next-token probabilities")
+        ids.append(extended[-1])
+    if len(set(ids)) != len(ids):
+        raise PersonaEditError("this tokenizer maps different option letters to the same token")
+    return ids
+
+
+# ------------------------------------------------------------------------------------ next-token probs
+
+def option_probabilities(lm: LoadedModel, texts: Sequence[str], option_ids: Sequence[int], *,
+                         add_special_tokens: bool, batch_size: int = 16, share_prefix: bool = True,
+                         on_progress: Progress | None = None) -> torch.Tensor:
+    """[len(texts), len(option_ids)] next-token probabilities (full-vocabulary softmax) of the options
+    after each text. One forward pass per text, batched and left-padded; the token prefix all texts share
+    (chat template, system prompt, instruction) is run once and its key/value cache reused."""
+    tokenizer = lm.tokenizer
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    prefix = _shared_prefix(encoded) if share_prefix else []
+    cache = _prefix_cache(lm, prefix) if prefix else None
+    if cache is None:
+        prefix = []
+    pad_id = ensure_pad_token(tokenizer)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+    out = torch.zeros(len(texts), len(option_ids))
+    wanted = torch.tensor(list(option_ids), device=lm.device)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        logits = _last_logits(lm, [encoded[i][len(prefix):] for i in chunk], pad_id, cache, len(prefix))
+        out[chunk] = logits.float().log_softmax(-1).exp()[:, wanted].cpu()
+        if on_progress:
+            on_progress(min(start + batch_size, len(order)), len(order))
+    return out
+
+
+def _shared_prefix(encoded: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix of all sequences, leaving at least one token of each to run."""
+    if not encoded:
+        return []
+    limit = min(len(e) for e in encoded) - 1
+    first = encoded[0]
+    n = 0
+    while n < limit and all(e[n] == first[n] for e in encoded):
+        n += 1
+    return list(first[:n])
+
+
+def _forward_options(lm: LoadedModel) -> dict[str, Any]:
+    parameters = inspect.signature(lm.model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+
+def _prefix_cache(lm: LoadedModel, prefix: list[int]):
+    """The key/value cache of `prefix` (batch 1), or None when the model's cache cannot be shared."""
+    ids = torch.tensor([prefix], device=lm.device)
+    with torch.no_grad(), generated_from(torch.tensor([len(prefix)])):  # no prefix position is generated
+        output = lm.model(input_ids=ids, use_cache=True, **_forward_options(lm))
+    cache = getattr(output, "past_key_values", None)
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
+def _last_logits(lm: LoadedModel, rows: list[list[int]], pad_id: int, cache, prefix_len: int) -> torch.Tensor:
+    """Logits at the last position of each row (left-padded), continuing the prefix cache if given."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+    options: dict[str, Any] = {"position_ids": positions, **_forward_options(lm)}
+    if cache is not None:
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(len(rows))
+        ones = torch.ones(len(rows), prefix_len, dtype=mask.dtype, device=lm.device)
+        options.update(past_key_values=past, use_cache=True, attention_mask=torch.cat([ones, mask], dim=1))
+    else:
+        options.update(attention_mask=mask, use_cache=False)
+    with torch.no_grad():
+        output = lm.model(input_ids=ids, **options)
+    return output.logits[:, -1]
+
+
+# ---------------------------------------------------------------------------------- pure scoring steps
+
+def _renormalised(probs: Sequence[float]) -> list[float]:
+    total = float(sum(probs))
+    if total <= 0:
+        return [1.0 / len(probs)] * len(probs)
+    return [float(p) / total for p in probs]
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def likert_score(normal: Sequence[float], reversed_: Sequence[float], reverse_keyed: bool) -> tuple[float, float]:
+    """(expected, argmax) item score in [1, 5] from the letter probabilities (A..E) under the normal order
+    ((A) Very Accurate = 5) and the reversed order ((A) Very Inaccurate = 1): each order's expected score
+    under the renormalised probabilities and the score of its most likely letter, averaged over the two
+    orders; a reverse-keyed item scores 6 - s."""
+    expected, argmax = [], []
+    for probs, reversed_order in ((normal, False), (reversed_, True)):
+        scores = [score for _, _, score in likert_options(reversed_order)]
+        p = _renormalised(probs)
+        expected.append(sum(pi * s for pi, s in zip(p, scores)))
+        argmax.append(scores[_argmax(p)])
+    e, a = sum(expected) / 2, sum(argmax) / 2
+    return (6 - e, 6 - a) if reverse_keyed else (e, a)
+
+
+def forced_choice_score(normal: Sequence[float], swapped: Sequence[float],
+                        a_is_first_pole: bool) -> tuple[float, float]:
+    """(expected, argmax) in [-1, 1] toward the axis's first pole (E, S, T, J) from the (A), (B)
+    probabilities with option_a shown as (A) (`normal`) and as (B) (`swapped`): 2 p(first pole) - 1 and
+    the sign of the more likely option (0 on a tie), each averaged over the two orders."""
+    expected, argmax = [], []
+    for probs, first_shown_as in ((normal, 0 if a_is_first_pole else 1), (swapped, 1 if a_is_first_pole else 0)):
+        p = _renormalised(probs)
+        p_first = p[first_shown_as]
+        expected.append(2 * p_first - 1)
+        argmax.append(0.0 if p[0] == p[1] else (1.0 if p_first > 0.5 else -1.0))
+    return sum(expected) / 2, sum(argmax) / 2
+
+
+# --------------------------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class TraitScore:
+    """A Big Five trait's inventory score: mean and std over its items (1-5), signed = (mean - 3) / 2."""
+
+    mean: float
+    std: float
+    argmax_mean: float
+    facets: dict[str, float]
+    n_items: int
+
+    @property
+    def signed(self) -> float:
+        return (self.mean - 3) / 2
+
+
+@dataclass(frozen=True)
+class AxisScore:
+    """An MBTI axis's score in [-1, 1] (+1 = first letter: E, S, T, J), expected and argmax versions."""
+
+    score: float
+    argmax: float
+    n_items: int
+
+
+@dataclass(frozen=True)
+class InventoryResult:
+    traits: dict[str, TraitScore]
+    mbti: dict[str, AxisScore]
+    items: list[dict[str, Any]] = field(default_factory=list)
+    mbti_items: list[dict[str, Any]] = field(default_factory=list)
+    letter_mass: dict[str, float] = field(default_factory=dict)  # mean probability on the option letters
+
+    def scores(self) -> dict[str, float]:
+        """Signed scores in [-1, 1]: the Big Five traits and the MBTI axes measured."""
+        return {**{t: s.signed for t, s in self.traits.items()}, **{a: s.score for a, s in self.mbti.items()}}
+
+    @property
+    def mbti_type(self) -> str:
+        """Letters of the measured axes, e.g. 'ISTJ' ('x' where an axis scores exactly 0)."""
+        return "".join(
+            "x" if s.score == 0 else MBTI[a].pole_names[0 if s.score > 0 else 1] for a, s in self.mbti.items()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "traits": {t: {**asdict(s), "signed": s.signed} for t, s in self.traits.items()},
+            "mbti": {a: asdict(s) for a, s in self.mbti.items()},
+            "mbti_type": self.mbti_type,
+            "letter_mass": dict(self.letter_mass),
+            "items": [dict(r) for r in self.items],
+            "mbti_items": [dict(r) for r in self.mbti_items],
+        }
+
+
+def trait_score(records_of_trait: Sequence[Mapping[str, Any]]) -> TraitScore:
+    """Mean, population std, argmax mean and per-facet means of a trait's item scores."""
+    expected = [r["expected"] for r in records_of_trait]
+    facets: dict[str, list[float]] = {}
+    for r in records_of_trait:
+        facets.setdefault(r["facet"], []).append(r["expected"])
+    return TraitScore(
+        mean=statistics.fmean(expected),
+        std=statistics.pstdev(expected),
+        argmax_mean=statistics.fmean(r["argmax"] for r in records_of_trait),
+        facets={f: statistics.fmean(v) for f, v in facets.items()},
+        n_items=len(expected),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def run_inventory(lm: LoadedModel, *, batch_size: int = 16, traits: Sequence[str] | None = None,
+                  items_per_facet: int = 4, mbti: bool = True,
+                  on_progress: Progress | None = None) -> InventoryResult:
+    """The model's self-report on the IPIP-NEO-120 (all traits, or `traits`; the first `items_per_facet`
+    of each facet's four items, for a shorter form) and, when `mbti`, on the MBTI forced-choice items,
+    under whatever edits are in force on `lm`."""
+    wanted = list(BIG_FIVE) if traits is None else list(traits)
+    unknown = [t for t in wanted if t not in BIG_FIVE]
+    if unknown:
+        raise PersonaEditError(f"unknown trait(s) {', '.join(unknown)} (valid: {', '.join(BIG_FIVE)})")
+    if not 1 <= items_per_facet <= 4:
+        raise PersonaEditError(f"items_per_facet must be 1 to 4, not {items_per_facet}")
+    items = [item for item in ipip_neo_120() if item.trait in wanted and item.number <= 30 * items_per_facet]
+    mbti_rows = records("mbti_items") if mbti else []
+    likert_prompts = [likert_prompt(item, rev) for item in items for rev in (False, True)]
+    mbti_prompts = [mbti_prompt(row, swap) for row in mbti_rows for swap in (False, True)]
+    total = len(likert_prompts) + len(mbti_prompts)
+
+    def progress(offset: int):
+        return None if on_progress is None else (lambda done, _n: on_progress(offset + done, total))
+
+    likert = _probabilities(lm, likert_prompts, LIKERT_LETTERS, batch_size, progress(0))
+    forced = _probabilities(lm, mbti_prompts, MBTI_LETTERS, batch_size, progress(len(likert_prompts)))
+    item_records = [_likert_record(item, likert[2 * k], likert[2 * k + 1]) for k, item in enumerate(items)]
+    mbti_records = [_mbti_record(row, forced[2 * k], forced[2 * k + 1]) for k, row in enumerate(mbti_rows)]
+    return InventoryResult(
+        traits={t: trait_score([r for r in item_records if r["trait"] == t]) for t in wanted},
+        mbti=_axis_scores(mbti_records),
+        items=item_records,
+        mbti_items=mbti_records,
+        letter_mass={name: float(p.sum(-1).mean()) for name, p in (("likert", likert), ("mbti", forced)) if len(p)},
+    )
+
+
+def _probabilities(lm: LoadedModel, prompts: list[str], letters: Sequence[str], batch_size: int,
+                   on_progress: Progress | None) -> torch.Tensor:
+    if not prompts:
+        return torch.zeros(0, len(letters))
+    rendered = [scoring_text(lm, p) for p in prompts]
+    add_special = not rendered[0][1]
+    ids = option_token_ids(lm.tokenizer, rendered[0][0], letters, add_special)
+    return option_probabilities(lm, [text for text, _ in rendered], ids, add_special_tokens=add_special,
+                                batch_size=batch_size, on_progress=on_progress)
+
+
+def _likert_record(item: Item, normal: torch.Tensor, reversed_: torch.Tensor) -> dict[str, Any]:
+    expected, argmax = likert_score(normal.tolist(), reversed_.tolist(), item.reverse_keyed)
+    return {"number": item.number, "text": item.text, "trait": item.trait, "facet": item.facet,
+            "reverse_keyed": item.reverse_keyed, "expected": expected, "argmax": argmax,
+            "probs_normal": normal.tolist(), "probs_reversed": reversed_.tolist()}
+
+
+def _mbti_record(row: Mapping[str, Any], normal: torch.Tensor, swapped: torch.Tensor) -> dict[str, Any]:
+    first_pole = MBTI[row["axis"]].pole_names[0]
+    expected, argmax = forced_choice_score(normal.tolist(), swapped.tolist(), row["pole_a"] == first_pole)
+    return {"id": row["id"], "axis": row["axis"], "score": expected, "argmax": argmax,
+            "probs_normal": normal.tolist(), "probs_swapped": swapped.tolist()}
+
+
+def _axis_scores(mbti_records: Sequence[Mapping[str, Any]]) -> dict[str, AxisScore]:
+    axes: dict[str, AxisScore] = {}
+    for axis in MBTI:
+        rows = [r for r in mbti_records if r["axis"] == axis]
+        if rows:
+            axes[axis] = AxisScore(score=statistics.fmean(r["score"] for r in rows),
+                                   argmax=statistics.fmean(r["argmax"] for r in rows), n_items=len(rows))
+    return axes
