@@ -116,3 +116,32 @@ def test_edit_command_errors(args, message, model_dir, capsys):
         message = "out of range"
     code, _, err = run(args, capsys)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_judge_scores_jsonl_and_keeps_fields(tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "I love big parties and meeting strangers!", "id": 1}\n\n{"text": "I stay home alone."}\n')
+    out = tmp_path / "scores.jsonl"
+    code, _, _ = run(["judge", "--in", str(texts), "--out", str(out)], capsys)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and len(rows) == 2 and rows[0]["id"] == 1
+    assert set(rows[0]["scores"]) == {"openness", "conscientiousness", "extraversion", "agreeableness",
+                                      "neuroticism", "ei", "sn", "tf", "jp"}
+    assert all(-1 <= v <= 1 for row in rows for v in row["scores"].values())
+    assert rows[0]["scores"]["extraversion"] > rows[1]["scores"]["extraversion"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json\n", "not a JSON line"),
+    ('{"txt": "x"}\n', 'needs a "text" string'),
+])
+def test_judge_rejects_bad_input_and_writes_nothing(content, message, tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(content)
+    code, _, err = run(["judge", "--in", str(texts), "--out", str(tmp_path / "o.jsonl")], capsys)
+    assert code == 2 and message in err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_eval_rejects_an_unknown_suite(capsys, tmp_path):
+    code, _, err = run(["eval", "--suite", "huge", "--out", str(tmp_path / "r.json")], capsys)
+    assert code == 2 and "unknown suite" in err

@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 _state = {"verbose": False}
 
@@ -123,9 +123,9 @@ def generate(
         )
     for question, reply in zip(prompts, replies):
         if as_json:
-            out.print(json.dumps({"prompt": question, "text": reply}, ensure_ascii=False), markup=False)
+            stdout.print(json.dumps({"prompt": question, "text": reply}, ensure_ascii=False), markup=False)
         else:
-            out.print(f"[bold]» {_escape(question)}[/bold]\n{_escape(reply)}\n")
+            stdout.print(f"[bold]» {_escape(question)}[/bold]\n{_escape(reply)}\n")
 
 
 def _escape(text: str) -> str:
@@ -178,8 +178,7 @@ def _edit_command(name: str):
                 kwargs["on_progress"] = lambda done, total: progress.update(task, completed=done, total=total)
             edit: Edit = chosen.fit(lm, target, **kwargs)
         edit.save(out)
-        out_console = f"saved {edit.kind} edit ({name}, persona {target.spec()}) to {out}"
-        err.print(out_console)
+        err.print(f"saved {edit.kind} edit ({name}, persona {target.spec()}) to {out}")
 
     params = [
         inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str,
@@ -222,7 +221,7 @@ def info(
 
     edit = load_edit(edit_dir)
     if as_json:
-        out.print(json.dumps(edit.metadata(), indent=2, sort_keys=True), markup=False)
+        stdout.print(json.dumps(edit.metadata(), indent=2, sort_keys=True), markup=False)
         return
     _print_edit(edit, indent="")
 
@@ -230,18 +229,18 @@ def info(
 def _print_edit(edit: Any, indent: str) -> None:
     from personaedit.edits import ActivationEdit, ComposedEdit, ContextEdit, WeightEdit
 
-    out.print(f"{indent}[bold]{edit.kind} edit[/bold] · method [cyan]{edit.method}[/cyan] · scale {edit.scale:g}")
+    stdout.print(f"{indent}[bold]{edit.kind} edit[/bold] · method [cyan]{edit.method}[/cyan] · scale {edit.scale:g}")
     if edit.persona:
-        out.print(f"{indent}  persona: {edit.persona.spec()}")
+        stdout.print(f"{indent}  persona: {edit.persona.spec()}")
     if edit.options:
-        out.print(f"{indent}  options: {_escape(json.dumps(edit.options, sort_keys=True))}")
+        stdout.print(f"{indent}  options: {_escape(json.dumps(edit.options, sort_keys=True))}")
     if edit.base:
         b = edit.base
-        out.print(f"{indent}  base model: {b.spec} ({b.model_type}, {b.layers} layers, fingerprint {b.fingerprint})")
+        stdout.print(f"{indent}  base model: {b.spec} ({b.model_type}, {b.layers} layers, fingerprint {b.fingerprint})")
     if isinstance(edit, ContextEdit):
         if edit.system:
-            out.print(f"{indent}  system prompt: {_escape(edit.system)}")
-        out.print(f"{indent}  demonstrations: {len(edit.demonstrations)}")
+            stdout.print(f"{indent}  system prompt: {_escape(edit.system)}")
+        stdout.print(f"{indent}  demonstrations: {len(edit.demonstrations)}")
     elif isinstance(edit, ActivationEdit):
         table = Table("layer", "site", "op", "positions", "neurons touched", "share")
         for item in edit.interventions:
@@ -250,16 +249,147 @@ def _print_edit(edit: Any, indent: str) -> None:
                 width = edit.base.mlp_size if item.point == "mlp_hidden" else edit.base.hidden_size
             share = f"{item.touched / width:.2%}" if width else "?"
             table.add_row(str(item.layer), item.point, item.op, item.positions, str(item.touched), share)
-        out.print(table)
+        stdout.print(table)
     elif isinstance(edit, WeightEdit):
         table = Table("parameter", "shape", "stored as")
         for name, delta in edit.deltas.items():
             table.add_row(name, "×".join(map(str, delta.shape)), f"rank-{delta.rank} factors" if delta.rank else "dense")
-        out.print(table)
+        stdout.print(table)
     elif isinstance(edit, ComposedEdit):
         for part, weight in edit.parts:
-            out.print(f"{indent}  part at weight {weight:g}:")
+            stdout.print(f"{indent}  part at weight {weight:g}:")
             _print_edit(part, indent + "    ")
+
+
+judge_app = typer.Typer(help="Score texts on the Big Five and MBTI axes with the offline text judge.",
+                        pretty_exceptions_enable=False)
+app.add_typer(judge_app, name="judge")
+
+
+def _read_jsonl_texts(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise InputFileError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise InputFileError(f'{path}:{number}: each line needs a "text" string')
+        rows.append(row)
+    return rows
+
+
+@judge_app.callback(invoke_without_command=True)
+def judge(
+    ctx: typer.Context,
+    input_path: Optional[Path] = typer.Option(None, "--in", help='JSON lines, each with a "text" field.'),
+    out: Optional[Path] = typer.Option(None, "--out", help='Output JSON lines: the input plus "scores".'),
+    head: Optional[Path] = typer.Option(None, "--head", help="A judge head trained with `judge train`."),
+) -> None:
+    """Score texts: each output line adds "scores": {trait: value in [-1, 1]} (positive = high pole / E, S, T, J)."""
+    if ctx.invoked_subcommand:
+        return
+    from personaedit.eval.text_judge import TextJudge
+    from personaedit.fileio import write_text_atomic
+
+    if input_path is None or out is None:
+        raise InputFileError("give --in TEXTS.jsonl --out SCORES.jsonl")
+    rows = _read_jsonl_texts(input_path)
+    scorer = TextJudge.load(head)
+    with _progress() as progress:
+        task = progress.add_task("judging", total=len(rows))
+        scores = scorer.score([r["text"] for r in rows], on_progress=lambda done, _: progress.update(task, completed=done))
+    lines = [json.dumps({**row, "scores": score}, ensure_ascii=False) for row, score in zip(rows, scores)]
+    write_text_atomic(out, "\n".join(lines) + ("\n" if lines else ""))
+    err.print(f"scored {len(rows)} texts -> {out}")
+
+
+@judge_app.command("train")
+def judge_train(
+    out: Path = typer.Option(..., "--out", help="Where to write the head (.safetensors; a .json beside it)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the judge's heads on the training split (regularisation chosen on validation) and report accuracy."""
+    from personaedit.eval.text_judge import train_text_judge
+
+    with _progress() as progress:
+        task = progress.add_task("training the judge", total=None)
+        result = train_text_judge(out, seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    stdout.print(json.dumps(result, indent=2, sort_keys=True, default=str), markup=False)
+
+
+@judge_app.command("evaluate")
+def judge_evaluate(
+    head: Optional[Path] = typer.Option(None, "--head", help="A trained head (default: the shipped one)."),
+    split: str = typer.Option("test", "--split", help="train | validation | test"),
+) -> None:
+    """Pole accuracy per trait and axis on a split of the project's data, and on the independent check set."""
+    from personaedit.eval.text_judge import TextJudge, evaluate_on_check_set, evaluate_text_judge
+
+    scorer = TextJudge.load(head)
+    with err.status("encoding texts"):
+        on_split = evaluate_text_judge(scorer, split)
+        on_check = evaluate_on_check_set(scorer)
+    table = Table("dimension", f"{split} split", "check set (chat replies)")
+    for key in on_split:
+        table.add_row(key, f"{on_split[key]:.1%}", f"{on_check[key]:.1%}" if key in on_check else "-")
+    stdout.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    edit: List[str] = typer.Option([], "--edit", "-e", help="An edit folder, optionally DIR:STRENGTH (repeatable)."),
+    suite: str = typer.Option("quick", "--suite", help="quick | full"),
+    out: Path = typer.Option(..., "--out", help="Report JSON (schema in docs/EVAL.md)."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with plots."),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model of the same shapes."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Measure a model (and the model under edits): inventory, trait expression, coherence, perplexity, KL."""
+    from personaedit.eval.report import write_html
+    from personaedit.eval.suite import SUITES, run_suite
+    from personaedit.fileio import write_json_atomic
+
+    if suite not in SUITES:
+        raise InputFileError(f"unknown suite {suite!r} (valid: {', '.join(SUITES)})")
+    composed = _load_edits(edit)
+    lm = _load(model, device)
+    with _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        report = run_suite(lm, composed, suite=suite, force=force, on_progress=on_progress)
+    write_json_atomic(out, report)
+    if html_path is not None:
+        write_html(report, html_path)
+    _print_eval_summary(report)
+    err.print(f"report -> {out}" + (f", {html_path}" if html_path else ""))
+
+
+def _print_eval_summary(report: dict[str, Any]) -> None:
+    conditions = report["conditions"]
+    table = Table("measure", *conditions, title=f"personaedit eval · {report['model']['spec']} · {report['suite']}")
+    dims = list(next(iter(conditions.values()))["expression"]["mean_scores"])
+    for dim in dims:
+        table.add_row(f"judge: {dim}", *(f"{c['expression']['mean_scores'][dim]:+.3f}" for c in conditions.values()))
+    for trait in next(iter(conditions.values()))["inventory"]["traits"]:
+        table.add_row(f"inventory: {trait}", *(f"{c['inventory']['traits'][trait]['signed']:+.3f}" for c in conditions.values()))
+    table.add_row("coherent replies", *(f"{c['coherence']['coherent_share']:.0%}" for c in conditions.values()))
+    table.add_row("perplexity (neutral text)", *(f"{c['perplexity']:.2f}" for c in conditions.values()))
+    if "kl_to_base" in report:
+        table.add_row("KL to base (neutral prompts)", "", f"{report['kl_to_base']:.4f}")
+    stdout.print(table)
 
 
 @app.command()
@@ -270,7 +400,7 @@ def models() -> None:
     table = Table("model", "type", "where", "note")
     for entry in available_models():
         table.add_row(entry.spec, entry.model_type, entry.location, entry.note)
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command()
@@ -296,7 +426,7 @@ def demo(
         table.add_column(title, ratio=3)
     for row, question in enumerate(result.questions):
         table.add_row(_escape(question), *(_escape(replies[row]) for replies in result.columns.values()))
-    out.print(table)
+    stdout.print(table)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from personaedit.eval.report import render_html
+from personaedit.eval.suite import SUITES, held_out_questions, run_suite
+from personaedit.methods import fit_edit
+from personaedit.data import records
+
+
+class FakeJudge:
+    """Scores a text by its length, so edited replies (which differ) get other scores."""
+
+    def score(self, texts, on_progress=None):
+        keys = ["openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism", "ei", "sn", "tf", "jp"]
+        return [{k: (len(t) % 7) / 7 - 0.5 for k in keys} for t in texts]
+
+
+def test_quick_suite_questions_come_from_the_test_split_only():
+    questions = held_out_questions(SUITES["quick"])
+    test_ids = {r["id"] for name in ("situational_questions", "neutral_questions") for r in records(name, "test")}
+    assert len(questions) == 4 * 5 + 12 and {q["id"] for q in questions} <= test_ids
+
+
+def test_suite_measures_base_and_edited_and_renders(lm):
+    edit = fit_edit("steer", lm, "extraversion=high", layer="1", pairs=8)
+    stages = []
+    report = run_suite(lm, 4 * edit, suite="quick", judge=FakeJudge(), on_progress=lambda s, d, t: stages.append(s))
+    assert set(report["conditions"]) == {"base", "edited"}
+    base, edited = report["conditions"]["base"], report["conditions"]["edited"]
+    assert base["inventory"]["traits"]["extraversion"]["n_items"] == 6
+    assert base["perplexity"] > 1 and edited["perplexity"] > 1
+    assert report["kl_to_base"] > 0
+    assert report["shift"]["perplexity_ratio"] == pytest.approx(edited["perplexity"] / base["perplexity"])
+    assert report["persona"] == {"extraversion": 1.0} and report["data"]["split"] == "test"
+    assert any("edited" in s for s in stages)
+    json.dumps(report)  # JSON-ready
+    page = render_html(report)
+    assert page.count("data:image/png;base64,") == 2 and "KL(base" in page
+    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
+
+
+def test_suite_without_edit_profiles_the_base_model(lm):
+    report = run_suite(lm, None, suite="quick", judge=FakeJudge())
+    assert list(report["conditions"]) == ["base"] and "kl_to_base" not in report
+    assert "no edit" in render_html(report)
