@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from personaedit.fileio import atomic_path
+from personaedit.methods.contrast import ContrastivePairs
 from personaedit.models.generation import build_messages, encode_prompts, position_ids, render_chat
 from personaedit.models.hooks import hook_site
 from personaedit.models.loading import LoadedModel, cache_dir
@@ -106,3 +107,9 @@ def capture(
         with atomic_path(path) as tmp:
             save_file({f"{p}.{l}": t.contiguous() for (p, l), t in result.items()}, str(tmp))
     return result
+
+
+def capture_pairs(lm: LoadedModel, pairs: "ContrastivePairs", sites: Sequence[Site], **options) -> tuple[
+        dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
+    """`capture` for both sides of contrastive pairs: (high-pole activations, low-pole activations)."""
+    return capture(lm, pairs.high, sites, **options), capture(lm, pairs.low, sites, **options)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
-from personaedit.methods.capture import capture
+from personaedit.methods.capture import capture_pairs
 from personaedit.methods.contrast import cohens_d, contrastive_pairs, parse_layers, per_dimension
 from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
@@ -53,8 +53,7 @@ def fit(
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
         data = contrastive_pairs(dim, pairs, seed=seed)
         sites = [("mlp_hidden", l) for l in layer_ids]
-        high = capture(lm, data.high, sites, batch_size=batch_size, on_progress=on_progress)
-        low = capture(lm, data.low, sites, batch_size=batch_size, on_progress=on_progress)
+        high, low = capture_pairs(lm, data, sites, batch_size=batch_size, on_progress=on_progress)
         items = []
         counts = {"high": [], "low": []}
         for layer, site in zip(layer_ids, sites):

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
-from personaedit.methods.capture import capture
+from personaedit.methods.capture import capture, capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension
 from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
@@ -41,8 +41,7 @@ def fit(
         data = contrastive_pairs(dim, pairs, seed=seed)
         sites = [("mlp_hidden", l) for l in layer_ids]
         kwargs = {"batch_size": batch_size, "on_progress": on_progress}
-        fire_high = capture(lm, data.high, sites, reduce="firing", **kwargs)
-        fire_low = capture(lm, data.low, sites, reduce="firing", **kwargs)
+        fire_high, fire_low = capture_pairs(lm, data, sites, reduce="firing", **kwargs)
         target_acts = capture(lm, data.high if level > 0 else data.low, sites, **kwargs)
         items = []
         for layer, site in zip(layer_ids, sites):

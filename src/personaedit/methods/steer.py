@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
-from personaedit.methods.capture import capture
+from personaedit.methods.capture import capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
 from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
@@ -45,8 +45,7 @@ def fit(
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
         data = contrastive_pairs(dim, pairs, seed=seed)
         sites = [("residual", l) for l in candidates]
-        high = capture(lm, data.high, sites, batch_size=batch_size, on_progress=on_progress)
-        low = capture(lm, data.low, sites, batch_size=batch_size, on_progress=on_progress)
+        high, low = capture_pairs(lm, data, sites, batch_size=batch_size, on_progress=on_progress)
         ranked = {l: (probe_accuracy(high[s], low[s]), _separation(high[s], low[s])) for l, s in zip(candidates, sites)}
         best = max(candidates, key=lambda l: ranked[l])
         vector = high[("residual", best)].mean(0) - low[("residual", best)].mean(0)
