@@ -1,0 +1,75 @@
+"""Costs of the activation methods on the default model.
+
+1. Collecting activations (all middle layers, last token, as steer/dpnle do) vs a plain batched
+   forward pass over the same prompts: throughput ratio (target >= 0.8).
+2. Generation with an activation edit applied vs without: tokens/s ratio (target >= 0.95).
+Run: python benchmarks/activation_costs.py [--prompts 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_seconds, row  # noqa: E402
+
+from personaedit.data import records  # noqa: E402
+from personaedit.methods import fit_edit  # noqa: E402
+from personaedit.methods.capture import capture, render_prompts  # noqa: E402
+from personaedit.methods.contrast import contrastive_pairs  # noqa: E402
+from personaedit.models import generate, load_model  # noqa: E402
+from personaedit.models.generation import encode_prompts, position_ids  # noqa: E402
+from personaedit.persona import BIG_FIVE  # noqa: E402
+
+
+def plain_forward(lm, prompts, batch_size=16) -> None:
+    texts, templated = render_prompts(lm, prompts)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = encode_prompts(lm, texts[start:start + batch_size], add_special_tokens=not templated)
+            lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    lm = load_model("default")
+    prompts = contrastive_pairs(BIG_FIVE["extraversion"], args.prompts).high
+    sites = [("mlp_hidden", l) for l in lm.arch.middle_layers(0.25, 0.75)]
+    plain, _ = median_seconds(lambda: plain_forward(lm, prompts), args.repeats)
+    collect, _ = median_seconds(lambda: capture(lm, prompts, sites, use_cache=False), args.repeats)
+    print(row(f"forward, {args.prompts} prompts", f"{plain:.1f} s", "-", None))
+    print(row(f"capture {len(sites)} layers' mlp_hidden, same prompts", f"{collect:.1f} s", "-", None))
+    print(row("capture / plain forward throughput", f"{plain / collect:.2f}x", ">= 0.8x", plain / collect >= 0.8))
+
+    questions = [r["question"] for r in records("neutral_questions", "train")[:16]]
+    edit = fit_edit("dpnle", lm, "extraversion=high", pairs=64, quantile=0.99, min_d=0.3)
+    def tokens_per_second(edit_or_none) -> float:
+        rates = []
+        for _ in range(args.repeats):
+            context = edit_or_none.apply(lm) if edit_or_none else contextlib.nullcontext()
+            with context:
+                start = time.perf_counter()
+                replies = generate(lm, questions, max_new_tokens=48)
+                seconds = time.perf_counter() - start
+            rates.append(sum(len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies) / seconds)
+        return statistics.median(rates)
+
+    plain_rate, edited_rate = tokens_per_second(None), tokens_per_second(edit)
+    touched = sum(i.touched for i in edit.interventions)
+    print(row("generation without an edit", f"{plain_rate:.1f} tok/s", "-", None))
+    print(row(f"generation with a dpnle edit ({touched} neurons)", f"{edited_rate:.1f} tok/s", "-", None))
+    print(row("edited / unedited tokens per second", f"{edited_rate / plain_rate:.2f}x", ">= 0.95x",
+              edited_rate / plain_rate >= 0.95))
+
+if __name__ == "__main__":
+    main()
