@@ -38,3 +38,10 @@ def test_unknown_split_or_resource_is_a_clear_error():
         records("opinions", "dev")
     with pytest.raises(InputFileError, match="missing"):
         records("no_such_resource")
+
+
+def test_training_only_trait_texts_never_mention_a_held_out_topic():
+    held_out = {r["topic"].lower() for split in ("validation", "test") for r in records("opinions", split)}
+    rows = records("trait_texts")
+    assert rows and all(r["split"] == "train" and r["facet"] in BIG_FIVE[r["trait"]].facets for r in rows)
+    assert not [r["text"] for r in rows if any(topic in r["text"].lower() for topic in held_out)]

@@ -302,16 +302,24 @@ def first_pole(dimension: str) -> str:
     return BIG_FIVE[dimension].high.name if dimension in BIG_FIVE else MBTI[dimension].high.name
 
 
+def big_five_rows(split: str, **where: Any) -> list[dict[str, Any]]:
+    """Opinions of a split; the training split adds the training-only trait statements (trait_texts)."""
+    rows = records("opinions", split, **where)
+    if split == "train":
+        rows += records("trait_texts", split, **where)
+    return rows
+
+
 def pole_texts(dimension: str, split: str) -> tuple[list[str], np.ndarray]:
-    """Opinions (Big Five) or mbti_texts (MBTI) of one dimension and split; label 1 = high / first letter."""
-    rows = records("opinions", split, trait=dimension) if dimension in BIG_FIVE else \
+    """Big Five texts or mbti_texts (MBTI) of one dimension and split; label 1 = high / first letter."""
+    rows = big_five_rows(split, trait=dimension) if dimension in BIG_FIVE else \
         records("mbti_texts", split, axis=dimension)
     return [r["text"] for r in rows], np.array([r["pole"] == first_pole(dimension) for r in rows], dtype=int)
 
 
 def trait_texts(split: str) -> tuple[list[str], np.ndarray]:
-    """All opinions of a split, labelled by the index of their trait in TRAITS."""
-    rows = records("opinions", split)
+    """All Big Five texts of a split, labelled by the index of their trait in TRAITS."""
+    rows = big_five_rows(split)
     return [r["text"] for r in rows], np.array([TRAITS.index(r["trait"]) for r in rows])
 
 
@@ -418,7 +426,7 @@ def train_text_judge(
     head.metadata.update({
         "encoder": ENCODER_NAME, "encoder_package": ENCODER_PIP, "features": FEATURES,
         "feature_layers": list(FEATURE_LAYERS), "feature_dim": int(head.pole_weight.shape[1]),
-        "training": {"data": "opinions (Big Five, trait softmax) and mbti_texts (axes), split=train",
+        "training": {"data": "opinions + trait_texts (Big Five, trait softmax) and mbti_texts (axes), split=train",
                      "l2_chosen_on": "validation", "fit": "L2 logistic regression, L-BFGS from zero",
                      "standardised": True, "seed": seed},
         "metrics": metrics,
