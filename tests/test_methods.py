@@ -109,8 +109,8 @@ def test_capture_firing_is_a_share(lm):
 
 
 def test_steer_vector_is_the_mean_difference_and_flips_with_the_level(lm):
-    edit = fit_edit("steer", lm, "extraversion=high", layer="1", **FAST)
-    flipped = fit_edit("steer", lm, "extraversion=-0.5", layer="1", **FAST)
+    edit = fit_edit("steer", lm, "extraversion=high", layer="1", scale=1.0, **FAST)
+    flipped = fit_edit("steer", lm, "extraversion=-0.5", layer="1", scale=1.0, **FAST)
     pairs = contrastive_pairs(BIG_FIVE["extraversion"], 12)
     high = capture(lm, pairs.high, [("residual", 1)])[("residual", 1)]
     low = capture(lm, pairs.low, [("residual", 1)])[("residual", 1)]
@@ -188,3 +188,17 @@ def test_ike_uses_training_answers_of_the_pole_and_skips_the_asked_topic(lm):
         flipped = [m["content"] for m in build_messages(lm, "hi") if m["role"] == "assistant"]
     train_high = {r["text"] for r in records("opinions", "train", trait="extraversion", pole="high")}
     assert flipped and all(a in train_high for a in flipped)
+
+
+def test_demo_shows_plain_prompted_and_steered_answers(lm):
+    from personaedit.demo import demo_questions, run_demo
+    from personaedit.persona import Persona
+
+    persona = Persona.parse("extraversion=high")
+    questions = demo_questions(persona, 2)
+    assert questions == [r["question"] for r in records("situational_questions", "test", trait="extraversion")][:2]
+    result = run_demo(lm, persona, questions, max_new_tokens=4, steer_pairs=8)
+    assert list(result.columns) == ["plain model", "prompt: extraversion=high", "steer: extraversion=high",
+                                    "steer: extraversion=low"]
+    assert all(len(replies) == 2 for replies in result.columns.values())
+    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())

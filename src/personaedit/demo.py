@@ -1,4 +1,4 @@
-"""The demo: the default model answering held-out questions plainly and under persona edits."""
+"""The demo: the default model answering held-out questions plainly, prompted, and steered."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Callable
 
 from personaedit.data import records
 from personaedit.edits import Edit
+from personaedit.methods import fit_edit
 from personaedit.methods.prompt import prompt_edit
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Persona
@@ -33,13 +34,18 @@ def run_demo(
     questions: list[str],
     *,
     max_new_tokens: int = 48,
+    steer_pairs: int = 128,
     on_step: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Answer `questions` with the plain model and under each edit of the persona."""
+    """Answer `questions` with the plain model, under a persona prompt, and steered towards each pole."""
+    if on_step:
+        on_step("fitting a steering vector (cached after the first run)")
+    steer = fit_edit("steer", lm, persona, pairs=steer_pairs)
     edits: dict[str, Edit | None] = {
         "plain model": None,
         f"prompt: {persona.spec()}": prompt_edit(persona),
-        f"prompt: {persona.scaled(-1).spec()}": prompt_edit(persona.scaled(-1)),
+        f"steer: {persona.spec()}": steer,
+        f"steer: {persona.scaled(-1).spec()}": -steer,
     }
     columns: dict[str, list[str]] = {}
     for title, edit in edits.items():

@@ -4,6 +4,9 @@ at inference add strength·level·v to the residual stream at one layer.
 
 The layer is given or chosen where a linear probe separates the poles best on held-out pairs
 (among the middle half of the layers; ties go to the larger separation relative to the spread).
+`scale` sets what strength 1 means: 8 × the mean difference, where steering at the auto-chosen layer
+of the default model moved the judged extraversion of replies from -0.33 to +0.29 with every reply
+coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in generated text.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def fit(
     *,
     layer: str = "auto",
     pairs: int = 256,
-    scale: float = 1.0,
+    scale: float = 8.0,
     prompt_too: bool = False,
     seed: int = 0,
     batch_size: int = 16,
