@@ -106,10 +106,11 @@ def dimension(name: str) -> Dimension:
     key = name.strip().lower()
     if key in DIMENSIONS:
         return DIMENSIONS[key]
-    raise PersonaSpecError(f"unknown trait or axis {name!r}{_suggestion(key, DIMENSIONS)}")
+    raise PersonaSpecError(f"unknown trait or axis {name!r}{suggestion(key, DIMENSIONS)}")
 
 
-def _suggestion(word: str, options) -> str:
+def suggestion(word: str, options) -> str:
+    """' (did you mean X?)' for the closest option, else ' (valid: ...)': the tail of a one-line error."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.4)
     valid = ", ".join(options)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {valid})"
@@ -133,7 +134,7 @@ def parse_level(dim: Dimension, value: object) -> float:
             except ValueError:
                 options = list(named)
                 raise PersonaSpecError(
-                    f"bad level {text!r} for {dim.name}{_suggestion(text.lower(), options)}"
+                    f"bad level {text!r} for {dim.name}{suggestion(text.lower(), options)}"
                 ) from None
     if not math.isfinite(level) or not -1.0 <= level <= 1.0:
         raise PersonaSpecError(f"level for {dim.name} must be in [-1, 1], got {level}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from personaedit.errors import InputFileError, PersonaSpecError
-from personaedit.persona import BIG_FIVE
+from personaedit.persona import BIG_FIVE, suggestion
 
 PERSONALITYEDIT_TRAITS = ("extraversion", "agreeableness", "neuroticism")  # the order target indices use
 POLES = ("high", "low")
@@ -71,7 +71,7 @@ def to_opinion_rows(records: Iterable[PersonalityEditRecord], pole: str = "high"
     """
     canonical = _match(pole, POLES, _POLE_ALIASES)
     if canonical is None:
-        raise PersonaSpecError(f"unknown pole {pole!r}{_suggestion(str(pole), POLES)}")
+        raise PersonaSpecError(f"unknown pole {pole!r}{suggestion(str(pole), POLES)}")
     return [
         {"topic": r.topic, "trait": trait, "pole": canonical, "facet": None, "text": text, "split": None}
         for r in records
@@ -174,7 +174,7 @@ def _target_trait(p: Path, n: int, value: Any) -> str | None:
     trait = _match(str(value), BIG_FIVE, _TRAIT_ALIASES)
     if trait is None:
         raise InputFileError(
-            f"{p}: record {n}: unknown target_per {value!r}{_suggestion(_norm(str(value)), BIG_FIVE)}"
+            f"{p}: record {n}: unknown target_per {value!r}{suggestion(_norm(str(value)), BIG_FIVE)}"
         )
     return trait
 
@@ -221,7 +221,7 @@ def load_big5_chat(
 def _cell(p: Path, line: int, value: str, options, aliases, column: str) -> str:
     canonical = _match(value, options, aliases)
     if canonical is None:
-        hint = _suggestion(_norm(value), options)
+        hint = suggestion(_norm(value), options)
         raise InputFileError(f"{p}: line {line}: unknown {column} {value!r}{hint}")
     return canonical
 
@@ -229,7 +229,7 @@ def _cell(p: Path, line: int, value: str, options, aliases, column: str) -> str:
 def _argument(value: str, options, aliases, what: str) -> str:
     canonical = _match(value, options, aliases)
     if canonical is None:
-        raise PersonaSpecError(f"unknown {what} {value!r}{_suggestion(_norm(str(value)), options)}")
+        raise PersonaSpecError(f"unknown {what} {value!r}{suggestion(_norm(str(value)), options)}")
     return canonical
 
 
@@ -392,11 +392,6 @@ def _match(value: Any, options, aliases: dict[str, str]) -> str | None:
     name = _norm(value)
     name = aliases.get(name, name)
     return name if name in options else None
-
-
-def _suggestion(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.4)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
 
 
 def _check_limit(limit: int | None) -> None:
