@@ -44,3 +44,14 @@ def test_suite_without_edit_profiles_the_base_model(lm):
     report = run_suite(lm, None, suite="quick", judge=FakeJudge())
     assert list(report["conditions"]) == ["base"] and "kl_to_base" not in report
     assert "no edit" in render_html(report)
+
+
+def test_the_targeted_persona_follows_negation():
+    from personaedit.edits import ComposedEdit
+    from personaedit.eval.suite import _edits_persona
+    from personaedit.methods.prompt import prompt_edit
+
+    edit = prompt_edit("extraversion=high,tf=-0.5")
+    assert _edits_persona(edit).as_dict() == {"extraversion": 1.0, "tf": -0.5}
+    assert _edits_persona(-edit).as_dict() == {"extraversion": -1.0, "tf": 0.5}
+    assert _edits_persona(ComposedEdit.of(edit, weights=[-2.0])).as_dict() == {"extraversion": -1.0, "tf": 0.5}

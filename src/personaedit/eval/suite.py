@@ -52,13 +52,17 @@ def held_out_questions(config: SuiteConfig) -> list[dict[str, Any]]:
 
 
 def _edits_persona(edit: Edit | None) -> Persona | None:
+    """The poles the edits push towards: each part's persona, flipped where its weight × scale is negative."""
     if edit is None:
         return None
-    parts = [part for part, _ in edit.parts] if isinstance(edit, ComposedEdit) else [edit]
+    composed = isinstance(edit, ComposedEdit)
+    parts = list(edit.parts) if composed else [(edit, 1.0)]
+    outer = edit.scale if composed else 1.0
     levels: dict[str, float] = {}
-    for part in parts:
+    for part, weight in parts:
         if part.persona is not None:
-            levels.update(part.persona.as_dict())
+            sign = -1.0 if outer * weight * part.scale < 0 else 1.0
+            levels.update(part.persona.scaled(sign).as_dict())
     return Persona.from_mapping(levels) if levels else None
 
 
