@@ -121,7 +121,7 @@ def generate(
 ) -> list[str]:
     """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded."""
     rendered = [render_chat(lm.tokenizer, build_messages(lm, p, system)) for p in prompts]
-    lengths = [len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text, _ in rendered]
+    lengths = [len(ids) for ids in lm.tokenizer([text for text, _ in rendered], add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths pad less
     replies: list[str] = [""] * len(prompts)
     stops = stop_token_ids(lm)

@@ -53,10 +53,6 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @property
-    def name(self) -> str:
-        return self.spec
-
 
 def cache_dir() -> Path:
     """The user cache folder: $PERSONAEDIT_CACHE, else $XDG_CACHE_HOME/personaedit, else ~/.cache/personaedit."""
