@@ -79,7 +79,8 @@ def capture(
                 value = (hidden * mask).sum(1) / mask.sum(1)
             else:
                 value = ((hidden > 0).to(hidden.dtype) * mask).sum(1) / mask.sum(1)
-            collected[site].append(value.detach().to("cpu", torch.float32))
+            # copy=True: a slice of the batch activation would otherwise keep the whole batch alive
+            collected[site].append(value.detach().to("cpu", torch.float32, copy=True))
             return None
 
         return record
