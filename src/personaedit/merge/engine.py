@@ -1,0 +1,337 @@
+"""The streaming merge: base tensors and vector tensors are read one at a time, merged, and written
+shard by shard into a standard Hugging Face folder, so peak memory is a few tensors, whatever the model.
+
+A personality vector is a WeightEdit folder (`edit.json` + `tensors.safetensors`, tensors named
+`{param}.delta` or `{param}.u` / `{param}.v` with ΔW = u vᵀ). The target model may differ from the
+vector's base (transfer) as long as every touched parameter has the same shape. Tensors no vector
+touches (tied embeddings included) are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from personaedit.edits.base import EDIT_JSON, FORMAT, TENSORS_FILE, BaseModelInfo
+from personaedit.errors import EditError, InputFileError, ModelNotFoundError, PersonaEditError
+from personaedit.fileio import atomic_dir
+from personaedit.merge.config import MergeConfig, parse_size
+from personaedit.merge.methods import get_merge_method
+from personaedit.merge.tensorfile import FLOAT_CODES, SafetensorsReader, SafetensorsWriter
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+RECORD_FILE = "personaedit-merge.json"
+# Files of a model folder that are weights or our own bookkeeping, not copied beside the merged weights.
+_NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_NOT_COPIED_NAMES = (INDEX_FILE, "personaedit-cache.json", RECORD_FILE)
+
+
+# --- the base model on disk ------------------------------------------------------------------------
+
+def model_folder(spec: str) -> Path:
+    """The safetensors folder of a MODEL spec. `default` and `.gguf` files go through the same
+    conversion cache as `load_model`; a hub id must already be in the local Hugging Face cache."""
+    from personaedit.models.loading import _resolve_source
+
+    source = _resolve_source(spec)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as exc:  # the hub client raises several types for "not cached"
+        raise ModelNotFoundError(
+            f"{spec!r} is not a local folder and not in the local Hugging Face cache ({type(exc).__name__})"
+        ) from None
+
+
+class Checkpoint:
+    """The tensors of a model folder (one safetensors file or an index of shards), read lazily."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise InputFileError(f"{index} is not a safetensors index ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        elif (folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise ModelNotFoundError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints can be merged")
+        self.readers = [SafetensorsReader(folder / name) for name in files]
+        self.where: dict[str, SafetensorsReader] = {}
+        for reader in self.readers:
+            for name in reader.tensors:
+                self.where[name] = reader
+
+    def keys_in_file_order(self) -> list[str]:
+        """Every tensor, file by file, by position in its file (reads stay sequential)."""
+        return [name for reader in self.readers for name in sorted(reader.tensors, key=lambda n: reader.tensors[n].begin)]
+
+    def info(self, key: str):
+        return self.where[key].tensors[key]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+# --- personality vectors on disk -------------------------------------------------------------------
+
+@dataclass
+class VectorFile:
+    """A weight-edit folder whose deltas are read one parameter at a time."""
+
+    path: Path
+    method: str
+    scale: float
+    persona: Optional[dict]
+    base: Optional[BaseModelInfo]
+    shapes: dict[str, tuple[int, ...]]
+    ranks: dict[str, Optional[int]]
+    reader: Optional[SafetensorsReader] = field(repr=False, default=None)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "VectorFile":
+        path = Path(path)
+        meta_path = path / EDIT_JSON
+        if not meta_path.is_file():
+            raise EditError(f"{path} is not a personality vector (no {EDIT_JSON})")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise EditError(f"{meta_path} is not valid JSON: {exc}") from None
+        if meta.get("format") != FORMAT:
+            raise EditError(f"{meta_path} is not a personaedit edit")
+        if meta.get("kind") != "weight":
+            raise EditError(f"{path} is a {meta.get('kind')} edit; only weight edits (personality vectors) can be merged")
+        try:
+            deltas = meta["payload"]["deltas"]
+            shapes = {name: tuple(info["shape"]) for name, info in deltas.items()}
+            ranks = {name: info.get("rank") for name, info in deltas.items()}
+            base = BaseModelInfo(**meta["base_model"]) if meta.get("base_model") else None
+        except (KeyError, TypeError) as exc:
+            raise EditError(f"{path}: malformed weight edit ({exc})") from None
+        reader = SafetensorsReader(path / TENSORS_FILE) if deltas else None
+        vector = cls(path, meta.get("method", "?"), float(meta.get("scale", 1.0)), meta.get("persona"), base, shapes, ranks, reader)
+        vector._check_tensors()
+        return vector
+
+    def _check_tensors(self) -> None:
+        for name, shape in self.shapes.items():
+            for key in self._keys(name):
+                if self.reader is None or key not in self.reader:
+                    raise EditError(f"{self.path}: {TENSORS_FILE} lacks tensor {key}")
+            if self.ranks[name] is None and self.reader.tensors[f"{name}.delta"].shape != shape:
+                raise EditError(f"{self.path}: {name}.delta has shape {self.reader.tensors[f'{name}.delta'].shape}, edit.json says {shape}")
+
+    def _keys(self, name: str) -> list[str]:
+        return [f"{name}.delta"] if self.ranks[name] is None else [f"{name}.u", f"{name}.v"]
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ΔW of one parameter (u vᵀ for factors), times the edit's own scale."""
+        if self.ranks[name] is None:
+            dense = self.reader.read(f"{name}.delta").to(dtype)
+        else:
+            dense = self.reader.read(f"{name}.u").to(dtype) @ self.reader.read(f"{name}.v").to(dtype).T
+        return dense if self.scale == 1.0 else dense * self.scale
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def loaded_names(folder: Path, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the parameter name transformers loads it as. Some families store legacy names
+    (GPT-NeoX's `embed_out` is `lm_head`); transformers' own renaming rules for the folder's
+    architecture say how. Tensors it converts rather than renames keep their key (and will not match)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    rules = None
+    for name in [*(config.get("architectures") or []), config.get("model_type")]:
+        if name and rules is None:
+            rules = get_checkpoint_conversion_mapping(name)
+    renames = [rule for rule in rules or [] if isinstance(rule, WeightRenaming)]
+    names = {}
+    for key in keys:
+        name = key
+        for rule in renames:
+            name, _ = rule.rename_source_key(name)
+        names[key] = name
+    return names
+
+
+def match_keys(names: list[str], loaded: dict[str, str]) -> dict[str, str]:
+    """Parameter name -> checkpoint key: the key loaded under that name, else the one key that is a dotted
+    suffix of the name (or the other way round), as when a checkpoint omits the `transformer.` prefix."""
+    by_name = {name: key for key, name in loaded.items()}
+    mapping: dict[str, str] = {}
+    for name in names:
+        if name in by_name:
+            mapping[name] = by_name[name]
+            continue
+        found = [k for k, n in loaded.items() if name.endswith("." + n) or n.endswith("." + name)]
+        if len(found) == 1:
+            mapping[name] = found[0]
+    return mapping
+
+
+# --- the merge -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    method: str
+    tensors_total: int
+    tensors_merged: int
+    shards: int
+    bytes_written: int
+    seconds: float
+
+
+def _plan_shards(keys: list[str], checkpoint: Checkpoint, max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        nbytes = checkpoint.info(key).nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _refuse_foreign_output(out: Path, base_folder: Path) -> None:
+    if out.resolve() == base_folder.resolve():
+        raise PersonaEditError(f"--out {out} is the base model's own folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORD_FILE).is_file())):
+        raise PersonaEditError(f"refusing to overwrite {out}: it exists and is not a personaedit merge output")
+
+
+def merge(config: MergeConfig, out: Optional[Path] = None, *,
+          on_progress: Optional[Callable[[int, int], None]] = None) -> MergeResult:
+    """Merge the config's vectors into its base and write a Hugging Face model folder to `out`."""
+    start = time.perf_counter()
+    out = Path(out or config.out or "")
+    if not str(out) or out == Path("."):
+        raise PersonaEditError("no output folder: pass --out DIR (or `out:` in the config)")
+    method = get_merge_method(config.method)
+    options = config.options()
+    max_bytes = parse_size(config.max_shard_size)
+    folder = model_folder(config.base)
+    _refuse_foreign_output(out, folder)
+    checkpoint = Checkpoint(folder)
+    vectors = [VectorFile.open(ref.path) for ref in config.vectors]
+    try:
+        touched = _match_vectors(vectors, checkpoint)
+        keys = checkpoint.keys_in_file_order()
+        shards = _plan_shards(keys, checkpoint, max_bytes)
+        names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        done = 0
+        with atomic_dir(out) as tmp:
+            for name, shard in zip(names, shards):
+                with open(tmp / name, "wb") as handle:
+                    layout = [(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in shard]
+                    writer = SafetensorsWriter(handle, layout, {"format": "pt"})
+                    for key in shard:
+                        if key in touched:
+                            writer.write(key, _merged_tensor(key, touched[key], checkpoint, vectors, config, method, options))
+                        else:
+                            writer.write_raw(key, checkpoint.where[key])
+                        done += 1
+                        if on_progress:
+                            on_progress(done, len(keys))
+                    writer.finish()
+            total = sum(checkpoint.info(k).nbytes for k in keys)
+            if len(shards) > 1:
+                weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+                (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            _copy_model_files(folder, tmp)
+            record = _record(config, options, vectors, touched, len(keys))
+            (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    finally:
+        checkpoint.close()
+        for vector in vectors:
+            vector.close()
+    return MergeResult(out, config.method, len(keys), len(touched), len(shards), total, time.perf_counter() - start)
+
+
+def _match_vectors(vectors: list[VectorFile], checkpoint: Checkpoint) -> dict[str, list[tuple[int, str]]]:
+    """Checkpoint key -> [(vector index, parameter name)]; refuses missing parameters and shape mismatches."""
+    loaded = loaded_names(checkpoint.folder, list(checkpoint.where))
+    touched: dict[str, list[tuple[int, str]]] = {}
+    for index, vector in enumerate(vectors):
+        mapping = match_keys(list(vector.shapes), loaded)
+        for name, shape in vector.shapes.items():
+            if name not in mapping:
+                raise EditError(f"vector {vector.path} changes {name}, which the base model {checkpoint.folder} does not have")
+            info = checkpoint.info(mapping[name])
+            if tuple(info.shape) != tuple(shape):
+                raise EditError(
+                    f"vector {vector.path} does not fit the base model: {name} has shape {tuple(shape)} in the vector "
+                    f"and {tuple(info.shape)} in {checkpoint.folder}"
+                )
+            if info.dtype not in FLOAT_CODES:
+                raise EditError(f"vector {vector.path} changes {name}, stored as {info.dtype}; only float tensors can be merged")
+            touched.setdefault(mapping[name], []).append((index, name))
+    return touched
+
+
+def _merged_tensor(key, contributors, checkpoint, vectors, config, method, options) -> torch.Tensor:
+    base = checkpoint.where[key].read(key)
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    # A vector that does not touch this tensor contributes δ = 0 (it still counts in sign election).
+    present = dict((i, name) for i, name in contributors)
+    deltas = [vectors[i].delta(present[i], work) if i in present else torch.zeros(base.shape, dtype=work) for i in range(len(vectors))]
+    weights = [ref.weight for ref in config.vectors]
+    change = method.fn(deltas, weights, options, key)
+    return (base.to(work) + change).to(base.dtype)
+
+
+def _copy_model_files(source: Path, target: Path) -> None:
+    """Config, tokenizer, generation config, chat template: every small non-weight file of the base."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in _NOT_COPIED_NAMES and not path.name.endswith(_NOT_COPIED):
+            shutil.copyfile(path, target / path.name)
+
+
+def _record(config: MergeConfig, options, vectors: list[VectorFile], touched: dict, total: int) -> dict:
+    from personaedit import __version__
+
+    method = get_merge_method(config.method)
+    return {
+        "created_by": f"personaedit {__version__}",
+        "base": config.base,
+        "method": config.method,
+        "options": {name: getattr(options, name) for name in method.uses},
+        "vectors": [
+            {
+                "path": str(ref.path),
+                "weight": ref.weight,
+                "scale": vector.scale,
+                "persona": vector.persona,
+                "made_for": vector.base.spec if vector.base else None,
+                "parameters": len(vector.shapes),
+            }
+            for ref, vector in zip(config.vectors, vectors)
+        ],
+        "tensors": total,
+        "tensors_merged": len(touched),
+    }

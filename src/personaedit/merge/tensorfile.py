@@ -1,0 +1,154 @@
+"""Read and write safetensors files one tensor at a time, with plain file reads and writes.
+
+The safetensors library maps a whole file into memory (every page read stays resident) and writes a file
+from a dict of tensors held in memory at once; a streaming merge needs neither. The format is small and
+fixed: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range per tensor, plus
+`__metadata__`), then the raw little-endian bytes. Files written here are read back by `safetensors` in
+the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+
+from personaedit.errors import InputFileError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_COPY_BLOCK = 1 << 24
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in its file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsReader:
+    """The header of a safetensors file, and its tensors read on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > 100_000_000:
+                    raise ValueError("header too large")
+                header = json.loads(handle.read(length))
+        except (OSError, ValueError, struct.error) as exc:
+            raise InputFileError(f"{self.path} is not a readable safetensors file ({exc})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        start = 8 + length
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in DTYPES:
+                raise InputFileError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            self.tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), start + begin, start + end)
+        self._handle: BinaryIO | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def _file(self) -> BinaryIO:
+        if self._handle is None:
+            self._handle = open(self.path, "rb")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, in fresh memory."""
+        info = self.tensors[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        handle = self._file()
+        handle.seek(info.begin)
+        if info.nbytes and handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
+            raise InputFileError(f"{self.path} is truncated (tensor {name})")
+        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def copy_raw(self, name: str, out: BinaryIO) -> None:
+        """Copy one tensor's bytes unchanged, in bounded blocks."""
+        info = self.tensors[name]
+        handle = self._file()
+        handle.seek(info.begin)
+        left = info.nbytes
+        while left:
+            block = handle.read(min(left, _COPY_BLOCK))
+            if not block:
+                raise InputFileError(f"{self.path} is truncated (tensor {name})")
+            out.write(block)
+            left -= len(block)
+
+
+class SafetensorsWriter:
+    """Write a file whose tensor names, dtypes and shapes are known up front, one tensor at a time, in order."""
+
+    def __init__(self, handle: BinaryIO, layout: Iterable[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._sizes: list[tuple[str, int]] = []
+        offset = 0
+        for name, dtype, shape in layout:
+            size = _numel(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._sizes.append((name, size))
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the reference writer does
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        self._handle = handle
+        self._next = 0
+
+    def expect(self) -> tuple[str, int]:
+        """The name and byte size of the next tensor to write."""
+        return self._sizes[self._next]
+
+    def _advance(self, name: str, size: int) -> None:
+        want, want_size = self._sizes[self._next]
+        if (name, size) != (want, want_size):
+            raise RuntimeError(f"expected tensor {want} ({want_size} bytes), got {name} ({size} bytes)")
+        self._next += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._advance(name, data.numel())
+        self._handle.write(memoryview(data.numpy()))
+
+    def write_raw(self, name: str, reader: SafetensorsReader) -> None:
+        self._advance(name, reader.tensors[name].nbytes)
+        reader.copy_raw(name, self._handle)
+
+    def finish(self) -> None:
+        if self._next != len(self._sizes):
+            raise RuntimeError(f"{len(self._sizes) - self._next} tensors were not written")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
