@@ -342,6 +342,37 @@ def judge_evaluate(
     stdout.print(table)
 
 
+mend_app = typer.Typer(help="Train the MEND editor of a model (used by `personaedit edit mend`).",
+                       no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(mend_app, name="mend")
+
+
+@mend_app.command("train")
+def mend_train(
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Editor folder (default: the cache folder for this model)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A PersonalityEdit training file instead of the project's opinions."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    layers: int = typer.Option(3, "--layers", min=1, help="How many of the last MLP layers the editor edits."),
+    rank: int = typer.Option(64, "--rank", min=1, help="Hidden width of each layer's editor."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    locality: float = typer.Option(1.0, "--locality", help="Weight of the locality KL."),
+    seed: int = typer.Option(0, "--seed"),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore a checkpoint in the folder instead of resuming."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Train (or resume) the MEND editor on the training split; checkpoints every 50 steps."""
+    from personaedit.methods.mend_editor import TrainConfig, train_editor
+
+    config = TrainConfig(layers=layers, rank=rank, steps=steps, lr=lr, locality=locality, seed=seed)
+    lm = _load(model, device)
+    with _progress() as progress:
+        task = progress.add_task("mend: training the editor", total=steps)
+        _, summary = train_editor(lm, out, config, data=data, resume=not fresh,
+                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    stdout.print(json.dumps(summary, indent=2, sort_keys=True), markup=False)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),

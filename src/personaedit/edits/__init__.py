@@ -3,13 +3,14 @@
 from personaedit.edits.activation import ActivationEdit, Intervention
 from personaedit.edits.base import BaseModelInfo, ComposedEdit, Edit, load_edit
 from personaedit.edits.context import ContextEdit, context_renderer
+from personaedit.edits.routed import RoutedEdit
 from personaedit.edits.weight import Delta, WeightEdit
 
 EDIT_KINDS: dict[str, type[Edit]] = {
-    cls.kind: cls for cls in (ContextEdit, ActivationEdit, WeightEdit, ComposedEdit)
+    cls.kind: cls for cls in (ContextEdit, ActivationEdit, WeightEdit, ComposedEdit, RoutedEdit)
 }
 
 __all__ = [
     "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "EDIT_KINDS", "Edit",
-    "Intervention", "WeightEdit", "context_renderer", "load_edit",
+    "Intervention", "RoutedEdit", "WeightEdit", "context_renderer", "load_edit",
 ]

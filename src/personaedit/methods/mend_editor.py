@@ -1,0 +1,433 @@
+"""MEND's editor network and its trainer (Mitchell et al., "Fast Model Editing at Scale", 2022).
+
+For an edited `down_proj`-equivalent W_l (out × in) the fine-tuning gradient of an edit example is a sum of
+rank-one terms, ∇W_l = Σ_t δ_t u_tᵀ: u_t is W_l's input at answer token t, δ_t the loss gradient w.r.t. its
+output. A small MLP per layer maps each (u_t, δ_t) to (ũ_t, δ̃_t); the update is ΔW_l = −η_l Σ_t δ̃_t ũ_tᵀ,
+with a learned step η_l. The MLP is residual (in normalised coordinates) with a zero-initialised output
+layer, so an untrained editor is one step of gradient descent.
+
+Training on edit examples (topic, trait pole, opinion text): the edit loss is the NLL of the opinion after
+the update, asked with the edit question and with a paraphrased one; the locality loss is KL(base ‖ edited)
+over the answer tokens of an opinion on another topic. The model itself is never changed: during training
+the update acts through hooks (ΔW x added to the layer's output) so it stays differentiable in the editor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from personaedit.data import records
+from personaedit.errors import EditError, InputFileError, PersonaEditError
+from personaedit.eval.metrics import prompt_ids
+from personaedit.fileio import atomic_dir
+from personaedit.models.hooks import hook_site
+from personaedit.models.loading import LoadedModel, cache_dir
+
+EDIT_QUESTION = "What do you think of {}?"
+PARAPHRASES = ("What is your stance on {}?", "What is your opinion of {}?", "How do you feel about {}?")
+EDITOR_FORMAT = "personaedit-mend-editor"
+EDITOR_FILE, EDITOR_JSON = "editor.safetensors", "editor.json"
+CHECKPOINT = "checkpoint"
+
+Progress = Callable[[int, int], None]
+Factors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (u [T, in], δ [T, out])
+
+
+@dataclass(frozen=True)
+class EditExample:
+    """An edit: the opinion `text` with `pole` of `trait` on `topic`."""
+
+    topic: str
+    trait: str
+    pole: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run does; saved with the editor so that resuming uses the same settings."""
+
+    layers: int = 3  # the last `layers` MLP output matrices are edited
+    rank: int = 64  # hidden width of each layer's editor MLP
+    steps: int = 300
+    lr: float = 1e-4  # Adam, for the editor MLPs and the log step sizes
+    locality: float = 1.0  # weight of the locality KL against the edit NLL
+    init_step: float = 0.005  # initial ‖ΔW‖ / ‖W‖ of an untrained editor, averaged over calibration edits
+    calibration: int = 16  # edit examples used for the input statistics and the initial step sizes
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def edit_examples(split: str = "train", data: str | Path | None = None) -> list[EditExample]:
+    """Edit examples from the project's opinions (`split`), or from a PersonalityEdit file when `data` is given."""
+    if data is not None:
+        from personaedit.data.external import load_personality_edit, to_opinion_rows
+
+        rows = to_opinion_rows(load_personality_edit(data))
+    else:
+        rows = records("opinions", split)
+    examples = [EditExample(r["topic"], r["trait"], r["pole"], r["text"]) for r in rows if r.get("text")]
+    if len({e.topic for e in examples}) < 2:
+        raise InputFileError("MEND training needs opinions on at least two topics (one is edited, another checks locality)")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------- network
+
+class LayerEditor(nn.Module):
+    """(u, δ) -> (ũ, δ̃) for one layer, plus that layer's learned step size."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int) -> None:
+        super().__init__()
+        width = n_in + n_out
+        self.n_in = n_in
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.down = nn.Linear(width, rank)
+        self.up = nn.Linear(rank, width)
+        nn.init.zeros_(self.up.weight)  # identity at initialisation: the editor starts as plain gradient descent
+        nn.init.zeros_(self.up.bias)
+        self.log_step = nn.Parameter(torch.zeros(()))
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ũ [T, in], −η·δ̃ [T, out]): ΔW = (−η δ̃)ᵀ ũ."""
+        z = torch.cat([u, delta], -1)
+        normed = (z - self.mean) / self.std
+        z = z + self.up(torch.relu(self.down(normed))) * self.std
+        return z[:, : self.n_in], -self.log_step.exp() * z[:, self.n_in:]
+
+
+class MendEditor(nn.Module):
+    """One LayerEditor per edited layer; knows which model it was trained for."""
+
+    def __init__(self, layers: Sequence[int], n_in: int, n_out: int, config: TrainConfig, fingerprint: str) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.config = config
+        self.fingerprint = fingerprint
+        self.shape = (n_out, n_in)
+        self.editors = nn.ModuleDict({str(l): LayerEditor(n_in, n_out, config.rank) for l in self.layers})
+
+    @classmethod
+    def for_model(cls, lm: LoadedModel, config: TrainConfig) -> "MendEditor":
+        n = lm.arch.num_layers
+        if not 1 <= config.layers <= n:
+            raise PersonaEditError(f"MEND edits 1..{n} layers of this model, not {config.layers}")
+        layers = list(range(n - config.layers, n))
+        n_out, n_in = lm.arch.mlp_out_weight(layers[0]).shape
+        return cls(layers, n_in, n_out, config, lm.fingerprint)
+
+    def forward(self, factors: Factors) -> Factors:
+        """Raw gradient factors -> update factors (ũ, −η δ̃) per layer."""
+        return {l: self.editors[str(l)](u, d) for l, (u, d) in factors.items()}
+
+    def step_sizes(self) -> dict[int, float]:
+        return {l: float(self.editors[str(l)].log_step.detach().exp()) for l in self.layers}
+
+    def check_fits(self, lm: LoadedModel) -> None:
+        if self.fingerprint != lm.fingerprint:
+            raise EditError(f"this MEND editor was trained for model fingerprint {self.fingerprint}, not {lm.fingerprint} ({lm.spec})")
+
+    # --- saving ---------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {"format": EDITOR_FORMAT, "layers": self.layers, "shape": list(self.shape),
+                "fingerprint": self.fingerprint, "config": asdict(self.config)}
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            _write(tmp, self, None, {**(extra or {})})
+        return directory
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "MendEditor":
+        n_out, n_in = meta["shape"]
+        return cls(meta["layers"], n_in, n_out, TrainConfig(**meta["config"]), meta["fingerprint"])
+
+
+def _write(folder: Path, editor: MendEditor, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> None:
+    tensors = {f"editor.{k}": v.detach().cpu().contiguous() for k, v in editor.state_dict().items()}
+    meta = {**editor.meta(), **extra}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, slots in state["state"].items():
+            for key, value in slots.items():
+                tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        meta["param_groups"] = state["param_groups"]
+    save_file(tensors, str(folder / EDITOR_FILE), metadata={"format": EDITOR_FORMAT})
+    (folder / EDITOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        meta = json.loads((folder / EDITOR_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / EDITOR_FILE))
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"{folder} holds no readable MEND editor ({exc})") from None
+    if meta.get("format") != EDITOR_FORMAT:
+        raise InputFileError(f"{folder} is not a MEND editor folder")
+    return meta, tensors
+
+
+def load_editor(directory: str | Path, lm: LoadedModel | None = None) -> MendEditor:
+    """An editor saved by `train_editor` (refused for a model with another fingerprint)."""
+    meta, tensors = _read(Path(directory))
+    editor = MendEditor.from_meta(meta)
+    editor.load_state_dict({k.removeprefix("editor."): v for k, v in tensors.items() if k.startswith("editor.")})
+    if lm is not None:
+        editor.check_fits(lm)
+        editor.to(lm.device)
+    return editor.eval()
+
+
+def default_editor_dir(lm: LoadedModel) -> Path:
+    """Where `personaedit mend train` keeps the editor of this model (the cache, keyed by fingerprint)."""
+    return cache_dir() / "mend" / lm.fingerprint
+
+
+def has_editor(directory: str | Path) -> bool:
+    return (Path(directory) / EDITOR_JSON).is_file()
+
+
+# --------------------------------------------------------------------------------------------- forward passes
+
+def _sequence(lm: LoadedModel, question: str, answer: str) -> tuple[torch.Tensor, slice]:
+    """Token ids [1, n] of the chat-rendered question + answer, and the positions whose logits predict the answer."""
+    prompt = prompt_ids(lm, question)
+    reply = list(lm.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if not reply:
+        raise InputFileError(f"an empty answer cannot be edited towards (question {question!r})")
+    ids = torch.tensor([prompt + reply], dtype=torch.long, device=lm.device)
+    return ids, slice(len(prompt) - 1, len(prompt) + len(reply) - 1)
+
+
+def _answer_logprobs(lm: LoadedModel, ids: torch.Tensor, where: slice) -> torch.Tensor:
+    """Log-distributions [n_answer, vocab] at the answer positions."""
+    return lm.model(input_ids=ids).logits[0, where].float().log_softmax(-1)
+
+
+def _nll(logprobs: torch.Tensor, ids: torch.Tensor, where: slice) -> torch.Tensor:
+    targets = ids[0, where.start + 1: where.stop + 1]
+    return -logprobs.gather(1, targets[:, None]).mean()
+
+
+@contextlib.contextmanager
+def frozen(lm: LoadedModel) -> Iterator[None]:
+    """The model's parameters need no gradients here; restore their flags afterwards."""
+    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _probed(lm: LoadedModel, layers: Sequence[int], inputs: dict[int, torch.Tensor],
+            probes: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Record each layer's MLP-output input and add a zero probe to its output, whose gradient is δ."""
+    def record(l: int):
+        def fn(x: torch.Tensor) -> None:
+            inputs[l] = x.detach()
+        return fn
+
+    def probe(l: int):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            probes[l] = torch.zeros_like(h, requires_grad=True)
+            return h + probes[l]
+        return fn
+
+    handles = [hook_site(lm.arch, "mlp_hidden", l, record(l)) for l in layers]
+    handles += [hook_site(lm.arch, "mlp_out", l, probe(l)) for l in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def updated(lm: LoadedModel, update: Factors) -> Iterator[None]:
+    """Run the model as if W_l += Σ_t a_t b_tᵀ for (b [T, in], a [T, out]) = update[l], differentiably."""
+    stash: dict[int, torch.Tensor] = {}
+
+    def keep(l: int):
+        def fn(x: torch.Tensor) -> None:
+            stash[l] = x
+        return fn
+
+    def add(l: int):
+        b, a = update[l]
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            return h + ((stash[l].to(b.dtype) @ b.T) @ a).to(h.dtype)
+        return fn
+
+    handles = [hook_site(lm.arch, "mlp_hidden", l, keep(l)) for l in update]
+    handles += [hook_site(lm.arch, "mlp_out", l, add(l)) for l in update]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequence[tuple[str, str]]) -> Factors:
+    """Per layer (u [T, in], δ [T, out]) at the answer positions of the (question, answer) pairs: the
+    fine-tuning gradient of the mean answer NLL w.r.t. W_l is Σ_t δ_t u_tᵀ. One forward and one backward
+    (through the edited layers only) per pair."""
+    collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in layers}
+    with frozen(lm), torch.enable_grad():
+        for question, answer in pairs:
+            inputs: dict[int, torch.Tensor] = {}
+            probes: dict[int, torch.Tensor] = {}
+            ids, where = _sequence(lm, question, answer)
+            with _probed(lm, layers, inputs, probes):
+                loss = _nll(_answer_logprobs(lm, ids, where), ids, where) / len(pairs)
+            grads = torch.autograd.grad(loss, [probes[l] for l in layers])
+            for l, grad in zip(layers, grads):
+                collected[l].append((inputs[l][0, where].float(), grad[0, where].float()))
+    return {l: (torch.cat([u for u, _ in parts]), torch.cat([d for _, d in parts])) for l, parts in collected.items()}
+
+
+def update_factors(editor: MendEditor, factors: Factors) -> Factors:
+    """The editor's (ũ, −η δ̃) for raw gradient factors (no gradient kept)."""
+    with torch.no_grad():
+        return editor(factors)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def _calibrate(lm: LoadedModel, editor: MendEditor, examples: Sequence[EditExample]) -> None:
+    """Input statistics for each layer's normalisation, and initial step sizes giving ‖ΔW‖ ≈ init_step·‖W‖."""
+    config = editor.config
+    chosen = random.Random(f"{config.seed}-calibration").sample(list(examples), min(config.calibration, len(examples)))
+    per_edit = [gradient_factors(lm, editor.layers, [(EDIT_QUESTION.format(e.topic), e.text)]) for e in chosen]
+    with torch.no_grad():
+        for l in editor.layers:
+            z = torch.cat([torch.cat([f[l][0], f[l][1]], -1) for f in per_edit])
+            layer = editor.editors[str(l)]
+            layer.mean.copy_(z.mean(0))
+            layer.std.copy_(z.std(0).clamp(min=1e-8) if z.shape[0] > 1 else torch.ones_like(layer.std))
+            weight_norm = float(lm.arch.mlp_out_weight(l).float().norm())
+            grad_norms = [float((f[l][1].T @ f[l][0]).norm()) for f in per_edit]
+            mean_grad = max(sum(grad_norms) / len(grad_norms), 1e-12)
+            layer.log_step.fill_(float(torch.tensor(config.init_step * weight_norm / mean_grad).log()))
+
+
+def _step_examples(examples: Sequence[EditExample], seed: int, step: int) -> tuple[EditExample, str, EditExample]:
+    """The edit, its paraphrased question and a locality example on another topic; a function of (seed, step)
+    alone, so a resumed run sees the same sequence."""
+    rng = random.Random(f"{seed}-step-{step}")
+    edit = rng.choice(examples)
+    paraphrase = rng.choice(PARAPHRASES).format(edit.topic)
+    other = rng.choice([e for e in examples if e.topic != edit.topic])
+    return edit, paraphrase, other
+
+
+def editor_loss(lm: LoadedModel, editor: MendEditor, edit: EditExample, paraphrase: str,
+                other: EditExample) -> tuple[torch.Tensor, dict[str, float]]:
+    """Edit NLL (edit question and paraphrase) + locality · KL(base ‖ edited) on another topic's opinion."""
+    factors = gradient_factors(lm, editor.layers, [(EDIT_QUESTION.format(edit.topic), edit.text)])
+    with frozen(lm):
+        loc_ids, loc_where = _sequence(lm, EDIT_QUESTION.format(other.topic), other.text)
+        with torch.no_grad():
+            base = _answer_logprobs(lm, loc_ids, loc_where)
+        update = editor(factors)
+        with updated(lm, update):
+            nll = torch.stack([_nll(_answer_logprobs(lm, ids, where), ids, where)
+                               for ids, where in (_sequence(lm, EDIT_QUESTION.format(edit.topic), edit.text),
+                                                  _sequence(lm, paraphrase, edit.text))]).mean()
+            edited = _answer_logprobs(lm, loc_ids, loc_where)
+        kl = (base.exp() * (base - edited)).sum(-1).mean()
+    loss = nll + editor.config.locality * kl
+    return loss, {"edit_nll": float(nll.detach()), "locality_kl": float(kl.detach())}
+
+
+def _save_checkpoint(directory: Path, editor: MendEditor, optimizer: torch.optim.Optimizer, step: int,
+                     history: list[dict[str, float]]) -> None:
+    with atomic_dir(directory / CHECKPOINT) as tmp:
+        _write(tmp, editor, optimizer, {"step": step, "history": history})
+
+
+def _load_checkpoint(directory: Path, editor: MendEditor, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    meta, tensors = _read(directory / CHECKPOINT)
+    def settings(c: dict[str, Any]) -> dict[str, Any]:  # more steps or another checkpoint interval may resume
+        return {k: v for k, v in c.items() if k not in ("steps", "checkpoint_every")}
+
+    if settings(meta["config"]) != settings(asdict(editor.config)) or meta["fingerprint"] != editor.fingerprint:
+        raise InputFileError(f"the checkpoint in {directory} was made with other settings or another model; "
+                             "remove it or train into another folder")
+    editor.load_state_dict({k.removeprefix("editor."): v for k, v in tensors.items() if k.startswith("editor.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, slot = key.split(".", 2)
+            state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"]), list(meta.get("history", []))
+
+
+def train_editor(
+    lm: LoadedModel,
+    out: str | Path | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    data: str | Path | None = None,
+    resume: bool = True,
+    on_progress: Progress | None = None,
+) -> tuple[MendEditor, dict[str, Any]]:
+    """Train (or resume training) the editor for `lm` on the training split's edit examples (or a
+    PersonalityEdit file); save it in `out` (default: the cache folder for this model). Returns the
+    editor and a summary (steps, seconds, losses at the start and the end)."""
+    out = Path(out) if out is not None else default_editor_dir(lm)
+    examples = edit_examples("train", data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        editor = MendEditor.for_model(lm, config).to(lm.device)
+    optimizer = torch.optim.Adam(editor.parameters(), lr=config.lr)
+    start, history = 0, []
+    if resume and (out / CHECKPOINT / EDITOR_JSON).is_file():
+        start, history = _load_checkpoint(out, editor, optimizer)
+    else:
+        _calibrate(lm, editor, examples)
+    began = time.perf_counter()
+    editor.train()
+    for step in range(start, config.steps):
+        loss, parts = editor_loss(lm, editor, *_step_examples(examples, config.seed, step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({"step": step, **parts})
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(out, editor, optimizer, step + 1, history)
+        if on_progress:
+            on_progress(step + 1, config.steps)
+    editor.eval()
+    window = max(1, min(25, len(history) // 4))
+    summary = {
+        "steps": config.steps, "resumed_from": start, "seconds": round(time.perf_counter() - began, 1),
+        "examples": len(examples), "layers": editor.layers, "step_sizes": editor.step_sizes(),
+        "first": _mean(history[:window]), "last": _mean(history[-window:]),
+    }
+    editor.save(out, {"summary": summary, "history": history})
+    return editor, summary
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = ("edit_nll", "locality_kl")
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys} if rows else {}
