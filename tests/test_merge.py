@@ -286,3 +286,47 @@ def test_layer_of_knows_each_layout():
     assert layer_of("transformer.h.3.attn.c_attn.weight", "gpt2") == 3
     assert layer_of("gpt_neox.layers.0.attention.dense.weight") == 0
     assert layer_of("model.embed_tokens.weight", "llama") is None
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def run_cli(args, capsys):
+    from personaedit.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_merge_with_options_and_config(tmp_path, capsys):
+    base, model = save_model(tmp_path / "base")
+    one, two = make_vector(tmp_path / "v1", model, seed=1), make_vector(tmp_path / "v2", model, seed=2, rank=1)
+    code, out, _ = run_cli(["merge", "--base", str(base), "--vector", f"{tmp_path / 'v1'}=0.5", "--vector", f"{tmp_path / 'v2'}=-1",
+                            "--method", "dare_linear", "--drop", "0.0", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0 and "changed 23 of 30 tensors" in out
+    name = "model.layers.2.self_attn.o_proj.weight"
+    expected = model.get_parameter(name) + 0.5 * one.deltas[name].dense - two.deltas[name].materialise("cpu")
+    torch.testing.assert_close(params_of(tmp_path / "out")[name], expected, rtol=1e-6, atol=1e-7)
+    (tmp_path / "merge.yaml").write_text(f"base: {base}\nmethod: ties\ndensity: 0.5\nvectors:\n  - {{path: v1, weight: 1}}\n")
+    code, _, _ = run_cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--no-normalize", "--out", str(tmp_path / "out2")], capsys)
+    record = json.loads((tmp_path / "out2" / "personaedit-merge.json").read_text())
+    assert code == 0 and record["options"] == {"density": 0.5, "normalize": False}
+    code, _, err = run_cli(["merge", "--base", str(base), "--vector", str(tmp_path / "v1"), "--method", "ties", "--drop", "0.3",
+                            "--out", str(tmp_path / "out3")], capsys)
+    assert code == 2 and err == "error: merge method ties does not use --drop (it uses: density, normalize)\n"
+
+
+def test_cli_vector_info(tmp_path, capsys):
+    _, model = save_model(tmp_path / "base")
+    make_vector(tmp_path / "v1", model, seed=1), make_vector(tmp_path / "v2", model, seed=1, scale=-1.0)
+    code, out, _ = run_cli(["vector", "info", str(tmp_path / "v1"), str(tmp_path / "v2"), "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["cosine"][0][1] == pytest.approx(-1.0) and set(data["vectors"][0]["layer_norms"]) == {"0", "1", "2", "other"}
+    code, out, _ = run_cli(["vector", "info", str(tmp_path / "v1")], capsys)
+    assert code == 0 and "norm per layer" in out and "extraversion=+1" in out
+    code, _, err = run_cli(["vector", "info", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "not a personality vector" in err

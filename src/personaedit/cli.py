@@ -266,6 +266,72 @@ judge_app = typer.Typer(help="Score texts on the Big Five and MBTI axes with the
 app.add_typer(judge_app, name="judge")
 
 
+vector_app = typer.Typer(help="Personality vectors: weight-space deltas of a fine-tune (train, info).",
+                         no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(vector_app, name="vector")
+
+
+@vector_app.command("info")
+def vector_info(
+    vectors: List[Path] = typer.Argument(..., help="One or more personality vector folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summaries and the cosine matrix as JSON."),
+) -> None:
+    """Norm per layer of each vector and, for several, the cosine similarity between them."""
+    from personaedit.merge import cosine_matrix, summarise
+
+    summaries = [summarise(path) for path in vectors]
+    cosine = cosine_matrix(vectors) if len(vectors) > 1 else None
+    if as_json:
+        rows = [{**s.__dict__, "path": str(s.path)} for s in summaries]
+        stdout.print(json.dumps({"vectors": rows, "cosine": cosine}, indent=2), markup=False)
+        return
+    labels = [f"#{i + 1}" for i in range(len(summaries))]
+    for label, s in zip(labels, summaries):
+        persona = ",".join(f"{k}={v:+g}" for k, v in (s.persona or {}).items()) or "-"
+        stdout.print(f"{label} {s.path}  persona {persona}  made for {s.made_for or '-'}  "
+                     f"{s.parameters} parameters ({s.low_rank} low-rank)  norm {s.norm:.4g}", markup=False)
+    table = Table("layer", *labels, title="norm per layer")
+    for layer in dict.fromkeys(k for s in summaries for k in s.layer_norms):
+        table.add_row(layer, *(f"{s.layer_norms[layer]:.4g}" if layer in s.layer_norms else "-" for s in summaries))
+    stdout.print(table)
+    if cosine is not None:
+        matrix = Table("cosine", *labels)
+        for label, row in zip(labels, cosine):
+            matrix.add_row(label, *(f"{value:+.3f}" for value in row))
+        stdout.print(matrix)
+
+
+@app.command("merge")
+def merge_command(
+    base: Optional[str] = typer.Option(None, "--base", "-b", help=MODEL_HELP + " (default: default)."),
+    vector: List[str] = typer.Option([], "--vector", help="A personality vector folder, DIR=ALPHA (repeatable; ALPHA may be negative)."),
+    method: Optional[str] = typer.Option(None, "--method", help="task_arithmetic (default) | ties | dare_linear | dare_ties"),
+    density: Optional[float] = typer.Option(None, "--density", help="ties: share of entries kept per vector, in (0, 1] (default 1)."),
+    drop: Optional[float] = typer.Option(None, "--drop", help="dare_*: drop probability, in [0, 1) (default 0.5)."),
+    normalize: Optional[bool] = typer.Option(
+        None, "--normalize/--no-normalize",
+        help="ties, dare_ties: average agreeing entries over the vectors that agree (default) or sum them."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="dare_*: seed of the drops (default 0)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="e.g. 2GB (default), 500MB."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A YAML merge config; options given here override it."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the merged model (a Hugging Face folder)."),
+) -> None:
+    """Merge personality vectors into a base model, streaming tensors shard by shard."""
+    from personaedit.merge import config_from_options, load_config, merge, parse_vector_option
+
+    options = dict(base=base, method=method, density=density, drop=drop, normalize=normalize, seed=seed,
+                   max_shard_size=max_shard_size, vectors=[parse_vector_option(v) for v in vector] or None)
+    if config is None and not vector:
+        raise PersonaEditError("give at least one --vector DIR=ALPHA, or --config merge.yaml")
+    merge_config = load_config(config, **options) if config else config_from_options(**options)
+    with _progress() as progress:
+        task = progress.add_task(f"merge: {merge_config.method}", total=None)
+        result = merge(merge_config, out, on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    stdout.print(f"{result.method}: {len(merge_config.vectors)} vector(s) changed {result.tensors_merged} of "
+                 f"{result.tensors_total} tensors; wrote {result.out} ({result.shards} shard(s), "
+                 f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s", markup=False)
+
+
 def _read_jsonl_texts(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -84,7 +84,7 @@ def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.
 
 def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, drop: float) -> torch.Tensor:
     """DARE's survivors scaled by 1/(1 − drop), the dropped entries zero."""
-    return delta * keep / (1.0 - drop)
+    return (delta * (1.0 / (1.0 - drop))).mul_(keep)
 
 
 def dare_generator(seed: int, vector_index: int, key: str) -> torch.Generator:
@@ -96,14 +96,16 @@ def dare_generator(seed: int, vector_index: int, key: str) -> torch.Generator:
 def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """TIES sign election on the weighted values, then their sum (or mean over agreeing vectors)."""
     weighted = [w * d for w, d in zip(weights, deltas)]
-    elected = torch.sign(sum(weighted))
-    merged = torch.zeros_like(weighted[0])
-    count = torch.zeros_like(weighted[0])
+    elected = torch.sign(sum(weighted[1:], weighted[0].clone()))
+    merged = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
     for value in weighted:
-        agree = (torch.sign(value) == elected) & (value != 0)
-        merged += value * agree
-        count += agree
-    return merged / count.clamp(min=1) if normalize else merged
+        # Where the elected sign is 0 only zero entries "agree", and they add nothing.
+        agree = torch.sign(value) == elected
+        merged += value.mul_(agree)
+        if normalize:
+            count += agree
+    return merged / count.clamp_(min=1) if normalize else merged
 
 
 # --- the registered methods ------------------------------------------------------------------------
