@@ -14,7 +14,7 @@ from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
 # Modules that register methods when imported; listed here so that lookup by name finds them all.
-METHOD_MODULES = ("prompt", "ike", "steer", "npti", "dpnle", "mend", "serac")
+METHOD_MODULES = ("prompt", "ike", "steer", "npti", "dpnle", "rome", "palette", "memit", "mend", "serac")
 
 
 @dataclass(frozen=True)

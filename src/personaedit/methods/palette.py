@@ -1,0 +1,89 @@
+"""PALETTE: personality editing through adjustment queries. For each pole the persona asks for, the
+package's self-referential queries ("[Question] ... [Your answer] {} usually feel more persuaded by" →
+" facts", subject I/me/my) are applied one after another with r-ROME at one MLP layer, each on the model
+as the earlier ones left it; the edit keeps one rank-one factor pair per query.
+
+Defaults follow the paper (25 steps, lr 0.4, weight decay 1e-4, KL factor 0.0625, 12 queries, loss at
+the last layer). The layer defaults to 15/28 of the depth (the paper's layer 15 of Qwen2.5-1.5B's 28):
+layer 16 of SmolLM2-135M's 30, 6 of GPT-2's 12, 15 of Qwen2.5-1.5B's 28, 17 of Llama-3-8B's 32.
+A level below 1 in size scales that dimension's updates; a negative level uses the opposite pole's queries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from personaedit.data import records
+from personaedit.edits import BaseModelInfo, WeightEdit
+from personaedit.errors import PersonaEditError
+from personaedit.methods.locate import (Request, ValueOptions, as_delta, check_layer, edit_request,
+                                        random_prefixes)
+from personaedit.methods.registry import method
+from personaedit.models import LoadedModel
+from personaedit.persona import Persona
+
+MAX_QUERIES = 16
+
+
+def persona_requests(persona: Persona, queries: int) -> list[tuple[Request, float, str]]:
+    """(request, |level|, query id) for the first `queries` adjustment queries of each targeted pole."""
+    if not 1 <= queries <= MAX_QUERIES:
+        raise PersonaEditError(f"queries must be between 1 and {MAX_QUERIES} (the package has {MAX_QUERIES} per pole)")
+    chosen: list[tuple[Request, float, str]] = []
+    for dim, (_, level) in zip(persona.dimensions(), persona.levels):
+        if level == 0:
+            continue
+        rows = records("palette_queries", dimension=dim.name, pole=dim.pole(level).name)[:queries]
+        chosen += [(Request.of(r["template"], r["subject"], r["target"]), abs(level), r["id"]) for r in rows]
+    if not chosen:
+        raise PersonaEditError("the persona sets every level to 0: nothing to edit")
+    return chosen
+
+
+@method("palette", family="weight")
+def fit(
+    lm: LoadedModel,
+    persona: Persona,
+    *,
+    queries: int = 12,
+    layer: int | None = None,
+    subject_token: str = "last",
+    steps: int = 25,
+    lr: float = 0.4,
+    kl_factor: float = 0.0625,
+    weight_decay: float = 1e-4,
+    clamp: float = 4.0,
+    prefixes: int = 10,
+    prefix_length: int = 10,
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> WeightEdit:
+    """Sequential r-ROME edits from self-referential adjustment queries (PALETTE)."""
+    requests = persona_requests(persona, queries)
+    chosen = check_layer(lm, layer)
+    options = ValueOptions(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp)
+    contexts = random_prefixes(lm, prefixes, prefix_length, seed)
+    param = lm.arch.mlp_out_param(chosen)
+    us, vs, fitted = [], [], {}
+
+    def so_far() -> WeightEdit:
+        return WeightEdit(method="palette", deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})
+
+    for done, (request, scale, query_id) in enumerate(requests):
+        if us:
+            with so_far().apply(lm):
+                update = edit_request(lm, request, chosen, contexts, options, token=subject_token)
+        else:
+            update = edit_request(lm, request, chosen, contexts, options, token=subject_token)
+        us.append(update.u * scale)
+        vs.append(update.v)
+        fitted[query_id] = update.info
+        if on_progress:
+            on_progress(done + 1, len(requests))
+    recorded = {"queries": queries, "layer": chosen, "subject_token": subject_token, "steps": steps, "lr": lr,
+                "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "prefixes": prefixes,
+                "prefix_length": prefix_length, "seed": seed, "fitted": fitted}
+    return WeightEdit(method="palette", persona=persona, options=recorded, base=BaseModelInfo.of(lm),
+                      deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})
