@@ -301,6 +301,55 @@ def vector_info(
         stdout.print(matrix)
 
 
+@vector_app.command("train")
+def vector_train(
+    persona: str = typer.Option(..., "--persona", "-p", help="e.g. extraversion=high"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the vector; re-running resumes from its checkpoints."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    big5_chat: Optional[Path] = typer.Option(None, "--big5-chat", help="Train on this Big5-Chat CSV instead of distilled answers."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many training questions (or CSV rows)."),
+    samples_per_question: int = typer.Option(1, "--samples-per-question", min=1, help="Distilled answers per question."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of distilled answers."),
+    prompt_strength: float = typer.Option(1.5, "--prompt-strength", help="Persona prompt strength for distillation."),
+    lora_rank: int = typer.Option(8, "--lora-rank", min=0, help="LoRA rank; 0 = full fine-tuning (dense vector)."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    target_modules: str = typer.Option("all-linear", "--target-modules", help="peft target modules (LoRA)."),
+    epochs: float = typer.Option(2.0, "--epochs", min=0.0),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default 2e-3 (LoRA) or 2e-5 (full)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    grad_accumulation: int = typer.Option(1, "--grad-accumulation", min=1),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="Tokens per example (question + answer)."),
+    save_steps: int = typer.Option(10, "--save-steps", min=1, help="Checkpoint every N optimiser steps."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
+) -> None:
+    """Fine-tune on dialogue in one persona (LoRA or full) and save φ = θ_ft − θ_base as a weight edit."""
+    from personaedit.persona import Persona
+    from personaedit.vectors import train_vector
+
+    target = Persona.parse(persona)
+    lm = _load(model, device)
+    with _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        trained = train_vector(
+            lm, target, out, big5_chat=big5_chat, limit=limit, samples_per_question=samples_per_question,
+            max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            target_modules=target_modules, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+            grad_accumulation=grad_accumulation, max_length=max_length, save_steps=save_steps, seed=seed,
+            on_progress=on_progress,
+        )
+    resumed = f", resumed at step {trained.resumed_from}" if trained.resumed_from else ""
+    loss = f", loss {trained.train_loss:.3f}" if trained.train_loss is not None else ""
+    err.print(f"saved personality vector ({target.spec()}, {len(trained.edit.deltas)} parameters, {trained.examples} "
+              f"examples, {trained.steps} steps{resumed}{loss}, {trained.seconds:.0f} s training) to {out}")
+
+
 @app.command("merge")
 def merge_command(
     base: Optional[str] = typer.Option(None, "--base", "-b", help=MODEL_HELP + " (default: default)."),

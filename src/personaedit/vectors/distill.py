@@ -1,0 +1,88 @@
+"""Training dialogue in one persona: context distillation, or a Big5-Chat CSV when the user has one.
+
+Context distillation: the model answers the project's training-split questions under the persona system
+prompt; the vector is then trained on (question without the prompt -> that answer), so the prompt's
+effect moves into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from personaedit.data import records
+from personaedit.data.external import load_big5_chat
+from personaedit.errors import InputFileError, PersonaSpecError
+from personaedit.fileio import write_text_atomic
+from personaedit.models import LoadedModel, generate
+from personaedit.persona import Persona, describe
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training turn: a user message and the reply to learn."""
+
+    prompt: str
+    response: str
+
+
+def training_questions() -> list[str]:
+    """Training-split situational questions (every trait) and neutral questions; never the test split."""
+    rows = records("situational_questions", "train") + records("neutral_questions", "train")
+    return [r["question"] for r in rows]
+
+
+def distill(
+    lm: LoadedModel,
+    persona: Persona,
+    *,
+    questions: int | None = None,
+    samples_per_question: int = 1,
+    max_new_tokens: int = 64,
+    prompt_strength: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Example]:
+    """Answers of `lm` under the persona prompt (at `prompt_strength`) to all training questions, or to a
+    seeded random `questions` of them, sampled with seeds; empty replies dropped."""
+    system = describe(persona.scaled(prompt_strength))
+    asked = training_questions()
+    if questions is not None and questions < len(asked):
+        asked = sorted(random.Random(seed).sample(asked, questions), key=asked.index)
+    total = len(asked) * samples_per_question
+    examples: list[Example] = []
+    for round_ in range(samples_per_question):
+        def progress(done: int, _: int, base: int = round_ * len(asked)) -> None:
+            if on_progress:
+                on_progress(base + done, total)
+
+        replies = generate(lm, asked, system=system, max_new_tokens=max_new_tokens, sample=True,
+                           seed=seed + 1000 * round_, batch_size=batch_size, on_batch=progress)
+        examples += [Example(q, r) for q, r in zip(asked, replies) if r.strip()]
+    return examples
+
+
+def big5_chat_examples(path: str | Path, persona: Persona, limit: int | None = None) -> list[Example]:
+    """Big5-Chat examples of the persona's one trait and pole."""
+    if len(persona.levels) != 1 or persona.dimensions()[0].kind != "big5":
+        raise PersonaSpecError("training on Big5-Chat needs a persona of exactly one Big Five trait, e.g. extraversion=high")
+    trait, level = persona.levels[0]
+    rows = load_big5_chat(path, trait=trait, pole="high" if level >= 0 else "low", limit=limit)
+    if not rows:
+        raise InputFileError(f"{path} has no Big5-Chat examples of {persona.spec()}")
+    return [Example(r.prompt, r.response) for r in rows]
+
+
+def save_examples(path: Path, examples: list[Example]) -> None:
+    write_text_atomic(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples))
+
+
+def load_examples(path: Path) -> list[Example]:
+    try:
+        return [Example(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputFileError(f"cannot read cached training examples {path}: {exc}; delete it to regenerate") from None

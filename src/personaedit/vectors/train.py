@@ -1,0 +1,256 @@
+"""Personality vectors: fine-tune a copy of the model on dialogue in one persona, keep φ = θ_ft − θ_base.
+
+Training runs on the HF Trainer (so `accelerate launch` spreads it over GPUs), with LoRA (peft) or full
+fine-tuning, checkpoints in OUT/checkpoints and resume from the last one. The vector is a WeightEdit
+(method "vector") saved into OUT: low-rank factors u = scaling·B, v = Aᵀ per LoRA layer (in the
+parameter's own layout), or dense differences after full fine-tuning. The base model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from personaedit.edits import BaseModelInfo, Delta, WeightEdit
+from personaedit.edits.base import EDIT_JSON, TENSORS_FILE
+from personaedit.errors import InputFileError
+from personaedit.fileio import write_json_atomic
+from personaedit.models import LoadedModel
+from personaedit.models.arch import is_transposed_linear
+from personaedit.models.generation import ensure_pad_token, render_chat
+from personaedit.models.loading import quiet_progress
+from personaedit.persona import Persona
+from personaedit.vectors.distill import Example, big5_chat_examples, distill, load_examples, save_examples
+
+EXAMPLES_FILE = "examples.jsonl"
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainedVector:
+    """The vector and how it was made; `model` is the fine-tuned copy (LoRA still attached)."""
+
+    edit: WeightEdit
+    model: Any
+    examples: int
+    steps: int
+    resumed_from: int
+    train_loss: float | None
+    seconds: float
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
+    """Chat-formatted question (no system prompt) + reply and end of turn; loss on the reply only."""
+    text, uses_template = render_chat(tokenizer, [{"role": "user", "content": example.prompt}])
+    prompt = tokenizer(text, add_special_tokens=not uses_template)["input_ids"]
+    reply = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        reply = reply + [tokenizer.eos_token_id]
+    ids = (prompt + reply)[:max_length]
+    labels = ([-100] * len(prompt) + reply)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_right(pad_id: int) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+    """Right padding, so every row's real tokens start at position 0 (left padding would shift them)."""
+
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        fill = [width - len(r["input_ids"]) for r in rows]
+        return {
+            "input_ids": torch.tensor([r["input_ids"] + [pad_id] * f for r, f in zip(rows, fill)]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * f for r, f in zip(rows, fill)]),
+            "labels": torch.tensor([r["labels"] + [-100] * f for r, f in zip(rows, fill)]),
+        }
+
+    return collate
+
+
+def lora_deltas(peft_model: Any) -> dict[str, Delta]:
+    """ΔW = scaling·B@A of every LoRA layer as factors in the wrapped parameter's layout."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, Delta] = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        a = module.lora_A["default"].weight.detach().float()  # [r, in]
+        b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]  # [out, r]
+        # Conv1D (GPT-2) stores weights as [in, out]: ΔW_param = (bA)ᵀ = Aᵀ bᵀ.
+        u, v = (a.T, b) if module.fan_in_fan_out else (b, a.T)
+        deltas[f"{name}.weight"] = Delta(u=u.cpu().contiguous(), v=v.cpu().contiguous())
+    return deltas
+
+
+def dense_deltas(tuned: torch.nn.Module, base: torch.nn.Module) -> dict[str, Delta]:
+    """θ_ft − θ_base of every parameter that changed."""
+    base_params = dict(base.named_parameters())
+    deltas = {}
+    for name, param in tuned.named_parameters():
+        diff = param.detach().float().cpu() - base_params[name].detach().float().cpu()
+        if diff.any():
+            deltas[name] = Delta(dense=diff)
+    return deltas
+
+
+def _progress_callback(on_progress: Progress | None):
+    from transformers import TrainerCallback
+
+    class ReportSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if on_progress:
+                on_progress("training", state.global_step, state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if on_progress:
+                on_progress("training", state.global_step, state.max_steps)
+
+    return ReportSteps()
+
+
+def _check_run(out: Path, run: dict[str, Any]) -> None:
+    """A folder resumes only the run it was started for."""
+    path = out / RUN_FILE
+    if path.is_file():
+        import json
+
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = None
+        if previous != run:
+            changed = sorted(k for k in run if not isinstance(previous, dict) or previous.get(k) != run[k])
+            raise InputFileError(f"{out} holds a training run with other settings ({', '.join(changed) or 'unreadable'}); "
+                                 "use another --out or delete it")
+    write_json_atomic(path, run)
+
+
+def save_into(edit: WeightEdit, out: Path) -> None:
+    """Write the edit's files into `out` beside the run's data: tensors first, edit.json last (its presence
+    marks a complete vector); each file replaces the old one atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=".vector.", dir=out))
+    try:
+        edit.save(tmp / "edit")
+        for name in (TENSORS_FILE, EDIT_JSON):
+            if (tmp / "edit" / name).exists():
+                os.replace(tmp / "edit" / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_vector(
+    lm: LoadedModel,
+    persona: Persona | str,
+    out: str | Path,
+    *,
+    big5_chat: str | Path | None = None,
+    limit: int | None = None,
+    samples_per_question: int = 1,
+    max_new_tokens: int = 64,
+    prompt_strength: float = 1.5,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    target_modules: str = "all-linear",
+    epochs: float = 2.0,
+    learning_rate: float | None = None,
+    batch_size: int = 8,
+    grad_accumulation: int = 1,
+    max_length: int = 256,
+    save_steps: int = 10,
+    seed: int = 0,
+    on_progress: Progress | None = None,
+) -> TrainedVector:
+    """Fine-tune a copy of `lm` on dialogue in `persona` (LoRA of `lora_rank`, or full when 0) and return
+    φ as a WeightEdit, also saved into `out`. Re-running with the same `out` resumes the run."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    persona = Persona.parse(persona)
+    out = Path(out)
+    full = lora_rank <= 0
+    learning_rate = learning_rate if learning_rate is not None else (2e-5 if full else 2e-3)
+    source = f"big5-chat:{Path(big5_chat).name}" if big5_chat else "distilled"
+    options: dict[str, Any] = {
+        "source": source, "limit": limit, "samples_per_question": samples_per_question,
+        "max_new_tokens": max_new_tokens, "prompt_strength": prompt_strength,
+        "mode": "full" if full else "lora", "lora_rank": None if full else lora_rank,
+        "lora_alpha": None if full else lora_alpha, "target_modules": None if full else target_modules,
+        "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
+        "grad_accumulation": grad_accumulation, "max_length": max_length, "seed": seed,
+    }
+    ours = (RUN_FILE, EXAMPLES_FILE)  # a run's record, or training examples put there to be used
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / f).exists() for f in ours))):
+        raise InputFileError(f"refusing to train into {out}: it exists and is not a personality vector folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, {"persona": persona.spec(), "model": lm.fingerprint, **options})
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accumulation, learning_rate=learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=0.05, weight_decay=0.0, save_strategy="steps", save_steps=save_steps, save_total_limit=2,
+        logging_strategy="no", report_to="none", disable_tqdm=True, log_level="error", seed=seed, data_seed=seed,
+        use_cpu=lm.device.type == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
+    )
+
+    # Under `accelerate launch` the main process distils and caches; the others read the cache.
+    cache = out / EXAMPLES_FILE
+    with args.main_process_first(desc="training data"):
+        if cache.is_file():
+            examples = load_examples(cache)
+        else:
+            if big5_chat:
+                examples = big5_chat_examples(big5_chat, persona, limit)
+            else:
+                examples = distill(lm, persona, questions=limit, samples_per_question=samples_per_question,
+                                   max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, seed=seed,
+                                   on_progress=(lambda d, t: on_progress("distilling", d, t)) if on_progress else None)
+            save_examples(cache, examples)
+    if not examples:
+        raise InputFileError(f"no training examples for {persona.spec()}")
+    tokenizer = lm.tokenizer
+    dataset = [encode_example(tokenizer, e, max_length) for e in examples]
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # transformers' own deprecation notice from inside Trainer; nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        model = copy.deepcopy(lm.model)
+        model.config.use_cache = False
+        if not full:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules,
+                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                                fan_in_fan_out=any(map(is_transposed_linear, model.modules())))
+            model = get_peft_model(model, config)
+        model.train()
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=pad_right(ensure_pad_token(tokenizer)),
+                          callbacks=[_progress_callback(on_progress)])
+        for printer in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(printer)  # library code never prints; the CLI shows a bar
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
+        start = time.perf_counter()
+        with quiet_progress():
+            result = trainer.train(resume_from_checkpoint=last)
+        seconds = time.perf_counter() - start
+    model.eval()
+
+    deltas = lora_deltas(model) if not full else dense_deltas(model, lm.model)
+    edit = WeightEdit(method="vector", persona=persona, options={**options, "examples": len(examples),
+                      "steps": trainer.state.global_step}, base=BaseModelInfo.of(lm), deltas=deltas)
+    if trainer.is_world_process_zero():
+        save_into(edit, out)
+    loss = result.training_loss if result.global_step > resumed_from else None
+    return TrainedVector(edit=edit, model=model, examples=len(examples), steps=trainer.state.global_step,
+                         resumed_from=resumed_from, train_loss=loss, seconds=seconds)
