@@ -149,6 +149,38 @@ def save_into(edit: WeightEdit, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _examples(lm: LoadedModel, persona: Persona, cache: Path, big5_chat: str | Path | None, limit: int | None,
+              samples_per_question: int, max_new_tokens: int, prompt_strength: float, seed: int,
+              on_progress: Progress | None) -> list[Example]:
+    """The cached examples, else Big5-Chat rows or distilled answers (then cached)."""
+    if cache.is_file():
+        examples = load_examples(cache)
+    elif big5_chat:
+        examples = big5_chat_examples(big5_chat, persona, limit)
+    else:
+        report = (lambda done, total: on_progress("distilling", done, total)) if on_progress else None
+        examples = distill(lm, persona, questions=limit, samples_per_question=samples_per_question,
+                           max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, seed=seed, on_progress=report)
+    if not examples:
+        raise InputFileError(f"no training examples for {persona.spec()}")
+    if not cache.is_file():
+        save_examples(cache, examples)
+    return examples
+
+
+def _trainable_copy(lm: LoadedModel, lora: dict[str, Any] | None) -> Any:
+    """A copy of the model to fine-tune, wrapped with LoRA adapters unless `lora` is None (full)."""
+    model = copy.deepcopy(lm.model)
+    model.config.use_cache = False
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(**lora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                            fan_in_fan_out=any(map(is_transposed_linear, model.modules())))
+        model = get_peft_model(model, config)
+    return model
+
+
 def train_vector(
     lm: LoadedModel,
     persona: Persona | str,
@@ -172,7 +204,12 @@ def train_vector(
     on_progress: Progress | None = None,
 ) -> TrainedVector:
     """Fine-tune a copy of `lm` on dialogue in `persona` (LoRA of `lora_rank`, or full when 0) and return
-    φ as a WeightEdit, also saved into `out`. Re-running with the same `out` resumes the run."""
+    φ as a WeightEdit, also saved into `out`. Re-running with the same `out` resumes the run.
+
+    Data: `out`/examples.jsonl when present, else the rows of `big5_chat` for the persona's pole, else the
+    model's own answers under the persona prompt (at `prompt_strength`) to `limit` (default all) training
+    questions, `samples_per_question` each, `max_new_tokens` long. `on_progress(stage, done, total)` is
+    called for the stages "distilling" and "training" (optimiser steps)."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -202,39 +239,19 @@ def train_vector(
         use_cpu=lm.device.type == "cpu", remove_unused_columns=False, dataloader_num_workers=0,
     )
 
-    # Under `accelerate launch` the main process distils and caches; the others read the cache.
-    cache = out / EXAMPLES_FILE
-    with args.main_process_first(desc="training data"):
-        if cache.is_file():
-            examples = load_examples(cache)
-        else:
-            if big5_chat:
-                examples = big5_chat_examples(big5_chat, persona, limit)
-            else:
-                examples = distill(lm, persona, questions=limit, samples_per_question=samples_per_question,
-                                   max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, seed=seed,
-                                   on_progress=(lambda d, t: on_progress("distilling", d, t)) if on_progress else None)
-            save_examples(cache, examples)
-    if not examples:
-        raise InputFileError(f"no training examples for {persona.spec()}")
+    with args.main_process_first(desc="training data"):  # under `accelerate launch` the others read the cache
+        examples = _examples(lm, persona, out / EXAMPLES_FILE, big5_chat, limit, samples_per_question, max_new_tokens,
+                             prompt_strength, seed, on_progress)
     tokenizer = lm.tokenizer
     dataset = [encode_example(tokenizer, e, max_length) for e in examples]
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # transformers' own deprecation notice from inside Trainer; nothing a user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        torch.manual_seed(seed)
-        model = copy.deepcopy(lm.model)
-        model.config.use_cache = False
-        if not full:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules,
-                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                                fan_in_fan_out=any(map(is_transposed_linear, model.modules())))
-            model = get_peft_model(model, config)
+        torch.manual_seed(seed)  # LoRA's initialisation
+        model = _trainable_copy(lm, None if full else dict(r=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules))
         model.train()
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=pad_right(ensure_pad_token(tokenizer)),
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=pad_right(ensure_pad_token(lm.tokenizer)),
                           callbacks=[_progress_callback(on_progress)])
         for printer in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(printer)  # library code never prints; the CLI shows a bar
