@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -245,19 +247,21 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *,
         shards = _plan_shards(keys, checkpoint, max_bytes)
         names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         done = 0
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, _WriteBehind() as behind:
             for name, shard in zip(names, shards):
                 with open(tmp / name, "wb") as handle:
                     layout = [(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in shard]
                     writer = SafetensorsWriter(handle, layout, {"format": "pt"})
                     for key in shard:
                         if key in touched:
-                            writer.write(key, _merged_tensor(key, touched[key], checkpoint, vectors, config, method, options))
+                            merged = _merged_tensor(key, touched[key], checkpoint, vectors, config, method, options)
+                            behind.submit(writer.write, key, merged)
                         else:
-                            writer.write_raw(key, checkpoint.where[key])
+                            behind.submit(writer.write_raw, key, checkpoint.where[key])
                         done += 1
                         if on_progress:
                             on_progress(done, len(keys))
+                    behind.drain()
                     writer.finish()
             total = sum(checkpoint.info(k).nbytes for k in keys)
             if len(shards) > 1:
@@ -273,9 +277,36 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *,
     return MergeResult(out, config.method, len(keys), len(touched), len(shards), total, time.perf_counter() - start)
 
 
+class _WriteBehind:
+    """Writes run in order on one background thread, at most `depth` behind, so the disk works while the
+    next tensor is merged; memory stays bounded by `depth` tensors."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., None], *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "_WriteBehind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _match_vectors(vectors: list[VectorFile], checkpoint: Checkpoint) -> dict[str, list[tuple[int, str]]]:
     """Checkpoint key -> [(vector index, parameter name)]; refuses missing parameters and shape mismatches."""
-    loaded = loaded_names(checkpoint.folder, list(checkpoint.where))
+    loaded = {key: key for key in checkpoint.where}
+    if any(name not in loaded for vector in vectors for name in vector.shapes):
+        loaded = loaded_names(checkpoint.folder, list(checkpoint.where))  # imports much of transformers: only if needed
     touched: dict[str, list[tuple[int, str]]] = {}
     for index, vector in enumerate(vectors):
         mapping = match_keys(list(vector.shapes), loaded)

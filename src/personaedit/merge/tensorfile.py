@@ -90,17 +90,18 @@ class SafetensorsReader:
         return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
-        """Copy one tensor's bytes unchanged, in bounded blocks."""
+        """Copy one tensor's bytes unchanged, in bounded blocks (on its own handle: safe beside `read`
+        on another thread)."""
         info = self.tensors[name]
-        handle = self._file()
-        handle.seek(info.begin)
-        left = info.nbytes
-        while left:
-            block = handle.read(min(left, _COPY_BLOCK))
-            if not block:
-                raise InputFileError(f"{self.path} is truncated (tensor {name})")
-            out.write(block)
-            left -= len(block)
+        with open(self.path, "rb") as handle:
+            handle.seek(info.begin)
+            left = info.nbytes
+            while left:
+                block = handle.read(min(left, _COPY_BLOCK))
+                if not block:
+                    raise InputFileError(f"{self.path} is truncated (tensor {name})")
+                out.write(block)
+                left -= len(block)
 
 
 class SafetensorsWriter:
