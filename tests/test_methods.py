@@ -190,15 +190,22 @@ def test_ike_uses_training_answers_of_the_pole_and_skips_the_asked_topic(lm):
     assert flipped and all(a in train_high for a in flipped)
 
 
-def test_demo_shows_plain_prompted_and_steered_answers(lm):
-    from personaedit.demo import demo_questions, run_demo
+def test_demo_shows_each_family_side_by_side_with_judge_scores(lm, tmp_path):
+    from personaedit.demo import demo_questions, run_demo, write_demo_html
     from personaedit.persona import Persona
+    from test_suite import FakeJudge
 
     persona = Persona.parse("extraversion=high")
     questions = demo_questions(persona, 2)
     assert questions == [r["question"] for r in records("situational_questions", "test", trait="extraversion")][:2]
-    result = run_demo(lm, persona, questions, max_new_tokens=4, steer_pairs=8)
-    assert list(result.columns) == ["plain model", "prompt: extraversion=high", "steer: extraversion=high",
-                                    "steer: extraversion=low"]
+    methods = {"prompt": {}, "steer": {"pairs": 8, "layer": "1"}, "dpnle": {"pairs": 8, "layers": "1"},
+               "no-such-method": {}}
+    result = run_demo(lm, persona, questions, methods=methods, judge=FakeJudge(), max_new_tokens=4)
+    assert list(result.columns) == ["plain model", "prompt (context)", "steer (activation)", "dpnle (activation)"]
     assert all(len(replies) == 2 for replies in result.columns.values())
+    assert set(result.fit_seconds) == set(result.columns) - {"plain model"}
+    judged = FakeJudge().score(result.columns["prompt (context)"])
+    assert result.scores["prompt (context)"] == [s["extraversion"] for s in judged]
+    page = write_demo_html(result, lm.spec, tmp_path / "demo.html").read_text()
+    assert "data:image/png;base64," in page and page.count("<tr>") == 3
     assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())

@@ -539,6 +539,43 @@ def _print_eval_summary(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def bench(
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    methods: str = typer.Option("all", "--methods", help="all | comma-separated method names."),
+    personas: List[str] = typer.Option(["all-poles"], "--personas",
+                                       help="A persona spec (repeatable; ';' separates several), or all-poles / all-high."),
+    strengths: str = typer.Option("1", "--strengths", help="Comma-separated strengths, e.g. 0,0.5,1,1.5,2."),
+    out: Path = typer.Option(..., "--out", help="Bench folder: results.sqlite, edits/, report.{md,html}, plots/."),
+    suite: str = typer.Option("quick", "--suite", help="quick | full"),
+    backend: str = typer.Option("local", "--backend", help="local | ray (an existing Ray cluster, or a local one)."),
+    settings: List[str] = typer.Option([], "--set", help="A method option, METHOD.OPTION=VALUE (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Fit, evaluate and compare methods over personas and strengths; resumable; writes a report with plots."""
+    from rich.markdown import Markdown
+
+    from personaedit.bench import parse_method_options, parse_personas, parse_strengths, run_bench, select_methods
+    from personaedit.bench.report import write_report
+
+    chosen = select_methods(methods)
+    specs = parse_personas([part for option in personas for part in option.split(";")])
+    levels = parse_strengths(strengths)
+    options = parse_method_options(settings, chosen)
+    lm = _load(model, device)
+    with _progress() as progress:
+        task = progress.add_task("bench", total=None)
+
+        def on_progress(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"bench: {label}")
+
+        run_bench(lm, chosen, specs, levels, out, suite=suite, backend=backend, method_options=options,
+                  on_progress=on_progress)
+    written = write_report(out)
+    stdout.print(Markdown(written["markdown"].read_text(encoding="utf-8").split("\n\n")[0]))
+    err.print(f"report -> {written['html']}, {written['markdown']}")
+
+
+@app.command()
 def models() -> None:
     """List the models this machine can load without a download."""
     from personaedit.models.listing import available_models
@@ -553,26 +590,35 @@ def models() -> None:
 def demo(
     persona: str = typer.Option("extraversion=high", "--persona", help="Persona spec, e.g. agreeableness=low."),
     questions: int = typer.Option(3, "--questions", min=1, max=12, help="How many held-out questions."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods (default: prompt, steer, dpnle, palette)."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    html_path: Path = typer.Option(Path("personaedit-demo.html"), "--html", help="Where to write the HTML page."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
 ) -> None:
-    """Show the model answering held-out questions plainly and under persona edits, side by side."""
-    from personaedit.demo import demo_questions, run_demo
+    """The main job: one persona applied by each method family, replies and judge scores side by side."""
+    from personaedit.bench import select_methods
+    from personaedit.demo import DEMO_METHODS, demo_questions, run_demo, write_demo_html
     from personaedit.persona import Persona
 
     target = Persona.parse(persona)
+    chosen = DEMO_METHODS if methods is None else {m: DEMO_METHODS.get(m, {}) for m in select_methods(methods)}
     lm = _load(model)
     asked = demo_questions(target, questions)
-    with err.status("generating") as status:
-        result = run_demo(lm, target, asked, max_new_tokens=max_new_tokens,
-                          on_step=lambda title: status.update(f"generating: {title}"))
+    with err.status("demo") as status:
+        result = run_demo(lm, target, asked, methods=chosen, max_new_tokens=max_new_tokens,
+                          on_step=lambda title: status.update(f"demo: {title} (the first run fits and caches, a few minutes)"))
     table = Table(title=f"personaedit demo · {lm.spec} · persona {target.spec()}", show_lines=True, expand=True)
     table.add_column("question", ratio=2, style="bold")
     for title in result.columns:
-        table.add_column(title, ratio=3)
+        fit = f"\nfit {result.fit_seconds[title]:.0f} s" if title in result.fit_seconds else ""
+        table.add_column(f"{title}\njudge {result.mean_score(title):+.2f}{fit}", ratio=3)
     for row, question in enumerate(result.questions):
-        table.add_row(_escape(question), *(_escape(replies[row]) for replies in result.columns.values()))
+        table.add_row(_escape(question), *(f"{_escape(replies[row])} [dim]({result.scores[t][row]:+.2f})[/dim]"
+                                           for t, replies in result.columns.items()))
     stdout.print(table)
+    stdout.print("judge: the offline text judge's score of each reply towards the persona (-1 … +1)")
+    write_demo_html(result, lm.spec, html_path)
+    err.print(f"html -> {html_path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,0 +1,8 @@
+"""The one-command benchmark: a grid of (method, persona, strength) cells, fitted, measured and stored."""
+
+from personaedit.bench.grid import (Cell, expand_grid, parse_method_options, parse_personas, parse_strengths,
+                                    select_methods)
+from personaedit.bench.runner import run_bench
+from personaedit.bench.store import ResultStore
+
+__all__ = ["Cell", "ResultStore", "expand_grid", "parse_method_options", "parse_personas", "parse_strengths", "run_bench", "select_methods"]
