@@ -145,3 +145,12 @@ def test_judge_rejects_bad_input_and_writes_nothing(content, message, tmp_path, 
 def test_eval_rejects_an_unknown_suite(capsys, tmp_path):
     code, _, err = run(["eval", "--suite", "huge", "--out", str(tmp_path / "r.json")], capsys)
     assert code == 2 and "unknown suite" in err
+
+
+def test_every_option_of_the_activation_and_context_methods_has_help():
+    from personaedit.methods import get_method
+
+    for name in ("prompt", "ike", "steer", "npti", "dpnle"):
+        chosen = get_method(name)
+        assert set(chosen.option_help()) == set(chosen.options()), name
+    assert "quantile of the layer" in get_method("dpnle").option_help()["quantile"]

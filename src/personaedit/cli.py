@@ -192,10 +192,11 @@ def _edit_command(name: str):
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--force", help="Replace an edit already in --out.")),
     ]
+    helps = chosen.option_help()
     for option, param in method_options.items():
         flag = "--" + option.replace("_", "-")
         params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(hints[option]),
-                                        default=typer.Option(param.default, flag)))
+                                        default=typer.Option(param.default, flag, help=helps.get(option))))
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = chosen.summary
     return command

@@ -46,7 +46,18 @@ def fit(
     batch_size: int = 16,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
-    """Dual personality neurons (|s| quantile and |Cohen's d| filter), sparse additive edit."""
+    """Dual personality neurons (|s| quantile and |Cohen's d| filter), sparse additive edit.
+
+    Options:
+        pairs: contrastive prompt pairs per dimension (the paper: 1,000)
+        quantile: keep neurons whose |s| exceeds this quantile of the layer's |s|
+        min_d: keep neurons whose |Cohen's d| exceeds this (τ)
+        layers: MLP layers: 12, 10-20, 4,8,12 or auto (the middle half)
+        scale: what strength 1 means, in multiples of s (γ = strength × scale)
+        prompt_too: edit the prompt's positions too (default: generated tokens only)
+        seed: seed of the pair draw
+        batch_size: prompts per forward pass while collecting activations
+    """
     layer_ids = parse_layers(layers, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     selected: dict[str, dict[str, list[int]]] = {}
 

@@ -49,7 +49,12 @@ def render_ike(persona: Persona, options: dict[str, Any], strength: float) -> Co
 
 @method("ike", family="context")
 def fit(lm: LoadedModel, persona: Persona, *, k: int = 4, seed: int = 0) -> ContextEdit:  # noqa: ARG001
-    """k demonstrations in the target personality from the training split, on other topics."""
+    """k demonstrations in the target personality from the training split, on other topics.
+
+    Options:
+        k: number of demonstrations placed before each question
+        seed: seed of the demonstration draw
+    """
     options = {"k": k, "seed": seed}
     context = render_ike(persona, options, 1.0)
     return ContextEdit(method="ike", persona=persona, options=options, demonstrations=context.demonstrations[:k])

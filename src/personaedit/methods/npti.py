@@ -33,7 +33,17 @@ def fit(
     batch_size: int = 16,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
-    """Firing-frequency personality neurons: raise the target pole's, clamp the opposite pole's."""
+    """Firing-frequency personality neurons: raise the target pole's, clamp the opposite pole's.
+
+    Options:
+        pairs: contrastive prompt pairs per dimension
+        top_share: share of each layer's MLP neurons kept per pole
+        percentile: activation percentile the target pole's neurons are raised to
+        layers: MLP layers: 12, 10-20, 4,8,12 or auto (the middle half)
+        prompt_too: edit the prompt's positions too (default: generated tokens only)
+        seed: seed of the pair draw
+        batch_size: prompts per forward pass while collecting activations
+    """
     layer_ids = parse_layers(layers, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     positions = "all" if prompt_too else "generated"
 

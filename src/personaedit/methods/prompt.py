@@ -28,5 +28,9 @@ def prompt_edit(persona: Persona | str, *, adjectives: int | None = None) -> Con
 
 @method("prompt", family="context")
 def fit(lm: LoadedModel, persona: Persona, *, adjectives: int | None = None) -> ContextEdit:  # noqa: ARG001
-    """System prompt with adjectives of the target poles and intensity words (P²-style)."""
+    """System prompt with adjectives of the target poles and intensity words (P²-style).
+
+    Options:
+        adjectives: adjectives per trait in the prompt (default: all of the pole's)
+    """
     return prompt_edit(persona, adjectives=adjectives)

@@ -24,6 +24,24 @@ class Method:
     fit: Callable[..., Edit]
     summary: str
 
+    def option_help(self) -> dict[str, str]:
+        """Help per option, from the fit docstring's `Options:` section (`name: text`, continued indented)."""
+        lines = (inspect.getdoc(self.fit) or "").splitlines()
+        if "Options:" not in lines:
+            return {}
+        helps: dict[str, str] = {}
+        current = None
+        for line in lines[lines.index("Options:") + 1:]:
+            if not line.strip():
+                break
+            name, sep, text = line.strip().partition(": ")
+            if sep and not line.startswith("        ") and name.isidentifier():
+                current = name
+                helps[name] = text
+            elif current:
+                helps[current] += " " + line.strip()
+        return helps
+
     def options(self) -> dict[str, inspect.Parameter]:
         """Keyword-only options of the fit function (name -> parameter with default and annotation)."""
         params = inspect.signature(self.fit).parameters

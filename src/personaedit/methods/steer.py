@@ -41,7 +41,16 @@ def fit(
     batch_size: int = 16,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
-    """Mean-difference residual steering from contrastive persona pairs."""
+    """Mean-difference residual steering from contrastive persona pairs.
+
+    Options:
+        layer: residual layer to steer: a number, or auto (the best linear-probe layer of the middle half)
+        pairs: contrastive prompt pairs per dimension
+        scale: what strength 1 means, in multiples of the mean difference
+        prompt_too: steer the prompt's positions too (default: generated tokens only)
+        seed: seed of the pair draw
+        batch_size: prompts per forward pass while collecting activations
+    """
     candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     chosen: dict[str, dict[str, float]] = {}
 
