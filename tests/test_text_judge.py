@@ -71,6 +71,18 @@ def test_fit_softmax_reaches_the_optimum_also_with_more_features_than_rows(n, d)
     np.testing.assert_allclose(err.sum(0), 0.0, atol=1e-6)
 
 
+def test_sample_weights_act_like_repeated_rows_and_balanced_weights_equalise_classes():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(9, 4)), np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])
+    weights = tj.balanced_weights(y, 3)
+    np.testing.assert_allclose(np.bincount(y, weights), [3.0, 3.0, 3.0])  # n / k per class
+    repeat = np.array([1, 2, 1, 1, 3, 1, 1, 1, 2])
+    w, b = fit_softmax(x, y, 3, 0.2, repeat.astype(float))
+    w_rep, b_rep = fit_softmax(np.repeat(x, repeat, axis=0), np.repeat(y, repeat), 3, 0.2)
+    np.testing.assert_allclose(w, w_rep, atol=1e-5)
+    np.testing.assert_allclose(b, b_rep, atol=1e-5)
+
+
 def test_fit_head_separates_synthetic_poles_and_is_deterministic():
     train, validation, test = synthetic_sets(0, 60), synthetic_sets(1, 20), synthetic_sets(2, 40)
     head = fit_head(train, validation, grid=(0.01, 1.0))

@@ -35,8 +35,8 @@ PAIRS = {
 }
 
 # Measured with the shipped head (see its .json metadata) minus a margin of two texts (0.1).
-MIN_TEST_ACCURACY = {"openness": 0.75, "conscientiousness": 0.75, "extraversion": 0.9, "agreeableness": 0.5,
-                     "neuroticism": 0.85}
+MIN_TEST_ACCURACY = {"openness": 0.75, "conscientiousness": 0.75, "extraversion": 0.85, "agreeableness": 0.6,
+                     "neuroticism": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,7 @@ def test_test_split_accuracy_per_trait_matches_the_recorded_training_run(judge):
 
 def test_check_set_accuracy_stays_where_it_was_measured(judge):
     acc = evaluate_on_check_set(judge)
-    assert acc["big_five_mean"] >= 0.65  # measured 0.72
-    assert acc["mbti_mean"] >= 0.78  # measured 0.86
+    assert acc["big_five_mean"] >= 0.7  # measured 0.783
+    assert acc["agreeableness"] >= 0.75  # measured 0.833 (0.75 before the extra agreeableness texts)
+    assert acc["mbti_mean"] >= 0.78  # measured 0.865
     assert all(acc[a] >= 0.7 for a in AXES)

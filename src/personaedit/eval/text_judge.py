@@ -9,8 +9,9 @@ accuracy 0.88 against 0.75); lexicon features (empath, VADER) added nothing.
 For each Big Five trait a logistic regression separates the high from the low pole (opinions), for each
 MBTI axis one separates the first letter (E, S, T, J) from the second (mbti_texts); a text's score on a
 dimension is 2·p(high or first letter) − 1, in [-1, 1]. A softmax over the five traits says which trait a
-text expresses (PersonalityEdit's Acc and TPEI). Only the train split is fitted; the L2 strength of each
-head is chosen on the validation split; the test split and judge_check only score the result.
+text expresses (PersonalityEdit's Acc and TPEI). Classes weigh equally in every fit (trait_texts holds more
+agreeableness than other texts). Only the train split is fitted; the L2 strength of each head is chosen on
+the validation split; the test split and judge_check only score the result.
 """
 
 from __future__ import annotations
@@ -125,9 +126,12 @@ class SentenceEncoder:
 # ------------------------------------------------------------------------------------- linear models
 
 
-def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, sample_weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression: minimise mean cross-entropy + l2/2·‖W‖² (bias free) with L-BFGS.
 
+    `sample_weight` (default: all ones) weights each row's cross-entropy; the mean is over the weights.
     Returns (W [k, d], b [k]). Deterministic: convex, started from zero, no sampling. With more features than
     rows the optimum lies in the row space of x (the penalty is a plain L2), so the fit runs in that space.
     """
@@ -135,15 +139,17 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> tupl
     n, d = x.shape
     if d > n:
         _, s, vt = np.linalg.svd(x, full_matrices=False)
-        w, b = fit_softmax(x @ vt.T, y, n_classes, l2)
+        w, b = fit_softmax(x @ vt.T, y, n_classes, l2, sample_weight)
         return w @ vt, b
     onehot = np.eye(n_classes)[np.asarray(y, dtype=int)]
+    weight = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    weight = (weight / weight.sum())[:, None]
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[: n_classes * d].reshape(n_classes, d), theta[n_classes * d:]
         log_p = log_softmax(x @ w.T + b)
-        err = (np.exp(log_p) - onehot) / n
-        loss = -(onehot * log_p).sum() / n + 0.5 * l2 * (w * w).sum()
+        err = (np.exp(log_p) - onehot) * weight
+        loss = -(weight * onehot * log_p).sum() + 0.5 * l2 * (w * w).sum()
         return loss, np.concatenate([(err.T @ x + l2 * w).ravel(), err.sum(0)])
 
     result = scipy.optimize.minimize(
@@ -157,6 +163,13 @@ def fit_logistic(x: np.ndarray, positive: np.ndarray, l2: float) -> tuple[np.nda
     """Binary logistic regression for p(positive): a two-class softmax folded into one weight vector."""
     w, b = fit_softmax(x, np.asarray(positive, dtype=int), 2, l2)
     return w[1] - w[0], float(b[1] - b[0])
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-row weights n / (k · n_class) so that every class carries the same total weight in a fit."""
+    y = np.asarray(y, dtype=int)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return len(y) / (n_classes * np.maximum(counts, 1.0))[y]
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -351,10 +364,14 @@ def split_sets(split: str) -> dict[str, tuple[list[str], np.ndarray]]:
 def choose_l2(
     train: Labelled, validation: Labelled, n_classes: int, grid: Sequence[float] = L2_GRID,
 ) -> tuple[float, dict[str, list[float]]]:
-    """The L2 strength with the best validation accuracy; ties go to lower validation log-loss, then stronger L2."""
+    """The L2 strength with the best validation accuracy; ties go to lower validation log-loss, then stronger L2.
+
+    Every fit weighs the classes equally (`balanced_weights`): the training texts are not spread evenly.
+    """
     acc, loss = [], []
+    weight = balanced_weights(train[1], n_classes)
     for l2 in grid:
-        w, b = fit_softmax(*train, n_classes, l2)
+        w, b = fit_softmax(*train, n_classes, l2, weight)
         log_p = log_softmax(validation[0] @ w.T + b)
         acc.append(float(np.mean(log_p.argmax(1) == validation[1])))
         loss.append(float(-np.mean(log_p[np.arange(len(validation[1])), validation[1]])))
@@ -370,6 +387,7 @@ def fit_head(
 
     `train`/`validation` map each of DIMENSIONS (labels 1/0) and 'trait' (labels 0..4) to (features, labels).
     Features are standardised with the mean/scale of all distinct training rows, folded into the weights.
+    Classes weigh equally in every fit (trait_texts adds more agreeableness than other texts).
     """
     standard = Standardiser.fit(np.unique(np.concatenate([train[k][0] for k in train]), axis=0))
     heads, chosen, trace = [], {}, {}
@@ -378,7 +396,7 @@ def fit_head(
         x_tr, y_tr = standard(train[name][0]), train[name][1]
         l2, trace[name] = choose_l2((x_tr, y_tr), (standard(validation[name][0]), validation[name][1]), k, grid)
         chosen[name] = l2
-        w, b = fit_softmax(x_tr, y_tr, k, l2)
+        w, b = fit_softmax(x_tr, y_tr, k, l2, balanced_weights(y_tr, k))
         if k == 2:  # one logit: high pole (label 1) minus low pole
             w, b = w[1:] - w[:1], b[1:] - b[:1]
         heads.append(standard.fold(w, b))
@@ -427,7 +445,7 @@ def train_text_judge(
         "encoder": ENCODER_NAME, "encoder_package": ENCODER_PIP, "features": FEATURES,
         "feature_layers": list(FEATURE_LAYERS), "feature_dim": int(head.pole_weight.shape[1]),
         "training": {"data": "opinions + trait_texts (Big Five, trait softmax) and mbti_texts (axes), split=train",
-                     "l2_chosen_on": "validation", "fit": "L2 logistic regression, L-BFGS from zero",
+                     "l2_chosen_on": "validation", "fit": "L2 logistic regression, classes weighed equally, L-BFGS from zero",
                      "standardised": True, "seed": seed},
         "metrics": metrics,
     })
