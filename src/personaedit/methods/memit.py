@@ -49,7 +49,7 @@ def fit(
     kl_factor: float = 0.0625,
     weight_decay: float = 1e-4,
     clamp: float = 4.0,
-    prefixes: int = 10,
+    prefixes: int = 5,
     prefix_length: int = 10,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,

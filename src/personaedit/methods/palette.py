@@ -4,7 +4,8 @@ package's self-referential queries ("[Question] ... [Your answer] {} usually fee
 as the earlier ones left it; the edit keeps one rank-one factor pair per query.
 
 Defaults follow the paper (25 steps, lr 0.4, weight decay 1e-4, KL factor 0.0625, 12 queries, loss at
-the last layer). The layer defaults to 15/28 of the depth (the paper's layer 15 of Qwen2.5-1.5B's 28):
+the last layer); keys and values are read over the bare query and 5 model-written prefixes (ROME
+generates 10; 5 halve the cost of every step). The layer defaults to 15/28 of the depth (the paper's layer 15 of Qwen2.5-1.5B's 28):
 layer 16 of SmolLM2-135M's 30, 6 of GPT-2's 12, 15 of Qwen2.5-1.5B's 28, 17 of Llama-3-8B's 32.
 A level below 1 in size scales that dimension's updates; a negative level uses the opposite pole's queries.
 """
@@ -55,7 +56,7 @@ def fit(
     kl_factor: float = 0.0625,
     weight_decay: float = 1e-4,
     clamp: float = 4.0,
-    prefixes: int = 10,
+    prefixes: int = 5,
     prefix_length: int = 10,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,

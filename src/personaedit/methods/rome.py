@@ -34,7 +34,7 @@ def fit(
     kl_factor: float = 0.0625,
     weight_decay: float = 1e-4,
     clamp: float = 4.0,
-    prefixes: int = 10,
+    prefixes: int = 5,
     prefix_length: int = 10,
     covariance: bool = False,
     samples: int = 20000,
