@@ -4,7 +4,8 @@ Each merge runs in a fresh subprocess that reports its own peak RSS (VmHWM, Linu
 of the model's safetensors file (target: peak <= 1.5x one model file; the best-known merging tool takes
 8-10 s task arithmetic, 35 s TIES, 14 s DARE, 2.5-2.8 GB peak on this model).
 The two vectors are random perturbations of every linear weight (q/k/v/o, gate/up/down of all 30 layers),
-dense by default (as a full fine-tune's vector is) or rank-r factors (as a LoRA's is).
+dense by default (as a full fine-tune's vector is) or rank-r factors (as a LoRA's is); `--embeddings` adds the
+embedding matrix (28M entries, the largest tensor).
 Run: python benchmarks/merge_cost.py [--kind dense|lowrank] [--rank 16] [--threads 1]
 """
 
@@ -57,10 +58,10 @@ print(json.dumps({"seconds": seconds, "peak_mb": peak, "import_mb": floor, "merg
 """
 
 
-def build_vectors(folder: Path, kind: str, rank: int) -> list[Path]:
+def build_vectors(folder: Path, kind: str, rank: int, embeddings: bool = False) -> list[Path]:
     lm = load_model("default")
     info = BaseModelInfo.of(lm)
-    linear = [(name, tuple(p.shape)) for name, p in lm.model.named_parameters() if p.dim() == 2 and "embed" not in name]
+    linear = [(name, tuple(p.shape)) for name, p in lm.model.named_parameters() if p.dim() == 2 and (embeddings or "embed" not in name)]
     del lm
     paths = []
     for seed, persona in enumerate(("extraversion=high", "agreeableness=high")):
@@ -83,15 +84,17 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--embeddings", action="store_true", help="Perturb the (tied) embedding matrix too.")
     args = parser.parse_args()
     base = model_folder("default")
     checkpoint = Checkpoint(base)
     model_bytes = sum(reader.path.stat().st_size for reader in checkpoint.readers)
     checkpoint.close()
     with tempfile.TemporaryDirectory(prefix="merge-cost-") as tmp:
-        vectors = build_vectors(Path(tmp), args.kind, args.rank)
+        vectors = build_vectors(Path(tmp), args.kind, args.rank, args.embeddings)
         vector_mb = sum((p / "tensors.safetensors").stat().st_size for p in vectors) / 1e6
-        print(f"base {base} ({model_bytes / 1e6:.0f} MB); two {args.kind} vectors ({vector_mb:.0f} MB on disk); "
+        print(f"base {base} ({model_bytes / 1e6:.0f} MB); two {args.kind} vectors{' with embeddings' if args.embeddings else ''} "
+              f"({vector_mb:.0f} MB on disk); "
               f"{args.threads} thread(s)")
         for method in args.methods.split(","):
             config = {"base": "default", "method": method, **METHODS[method],

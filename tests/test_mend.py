@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -128,7 +130,7 @@ def test_editor_of_another_model_and_bad_requests_are_refused(tmp_path):
     with pytest.raises(PersonaEditError, match="fingerprint"):
         mend.fit(other, Persona.parse("extraversion=high"), topic="coffee", editor=str(tmp_path / "e"))
     with pytest.raises(PersonaEditError, match="--topic"):
-        mend.fit(lm, Persona.parse("extraversion=high"), editor=str(tmp_path / "e"))
+        mend.fit(lm, Persona.parse("extraversion=high"), topic="", editor=str(tmp_path / "e"))
     with pytest.raises(PersonaEditError, match="Big Five"):
         mend.fit(lm, Persona.parse("tf=T"), topic="coffee", editor=str(tmp_path / "e"))
     with pytest.raises(PersonaEditError, match="mend train"):
@@ -142,3 +144,27 @@ def test_edit_examples_from_a_personality_edit_file(tmp_path):
     examples = edit_examples(data=path)
     assert {(e.topic, e.trait) for e in examples} == {("tea", "extraversion"), ("tea", "neuroticism"), ("jazz", "agreeableness")}
     assert len(edit_examples("train")) == 440  # 44 training topics x 10 poles
+
+
+def test_cli_trains_an_editor_and_edits_with_it(tmp_path, capsys):
+    from personaedit.cli import main
+    from test_loading import save_tiny
+
+    def run(args):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr()
+
+    model = str(save_tiny(tmp_path / "tiny-model"))
+    code, out = run(["mend", "train", "--model", model, "--out", str(tmp_path / "editor"), "--steps", "2",
+                     "--layers", "1", "--rank", "4"])
+    assert code == 0 and json.loads(out.out)["steps"] == 2
+    code, out = run(["edit", "mend", "--model", model, "--persona", "neuroticism=high", "--out", str(tmp_path / "e")])
+    assert code == 2 and "--topic" in out.err  # the topic is required
+    code, out = run(["edit", "mend", "--model", model, "--persona", "neuroticism=high", "--topic", "chess",
+                     "--editor", str(tmp_path / "editor"), "--out", str(tmp_path / "e")])
+    assert code == 0 and "saved weight edit" in out.err
+    assert isinstance(load_edit(tmp_path / "e"), WeightEdit)

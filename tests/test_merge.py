@@ -12,7 +12,7 @@ from personaedit.edits import ActivationEdit, BaseModelInfo, Delta, Intervention
 from personaedit.errors import EditError, PersonaEditError
 from personaedit.merge import MergeConfig, VectorRef, cosine_matrix, layer_of, load_config, merge, summarise
 from personaedit.merge.config import parse_size, parse_vector_option
-from personaedit.merge.methods import MergeOptions, dare, dare_generator, get_merge_method, rescale_kept, trim
+from personaedit.merge.methods import MergeOptions, dare, dare_generator, magnitude_threshold, merge_deltas, rescale_kept, trim
 from personaedit.merge.tensorfile import SafetensorsReader
 from personaedit.models import wrap_model
 from personaedit.persona import Persona
@@ -57,25 +57,25 @@ def run_merge(base, vectors, out, method="task_arithmetic", **options):
 # --- per-tensor methods against hand-computed cases -------------------------------------------------
 
 def test_trim_keeps_the_largest_magnitudes():
-    assert trim(torch.tensor([3.0, -1.0, 0.5, -2.0]), 0.5).tolist() == [3.0, 0.0, 0.0, -2.0]
-    assert trim(torch.tensor([1.0, -4.0, 2.0]), 1.0).tolist() == [1.0, -4.0, 2.0]
+    delta = torch.tensor([3.0, -1.0, 0.5, -2.0])
+    assert magnitude_threshold(delta.abs(), 0.5) == 2.0 and trim(delta, 2.0).tolist() == [3.0, 0.0, 0.0, -2.0]
+    assert magnitude_threshold(delta.abs(), 1.0) == 0.0 and magnitude_threshold(delta.abs(), 0.25) == 3.0
+    assert magnitude_threshold(delta.abs(), 0.01) == float("inf")
 
 
 def test_ties_hand_computed():
     deltas = [torch.tensor([3.0, -1.0, 0.5, -2.0]), torch.tensor([-2.5, 2.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, -4.0])]
     # Trimmed to half: [3,0,0,-2], [-2.5,2,0,0], [1,0,0,-4]; summed [1.5,2,0,-6] elects signs [+,+,0,-];
     # agreeing entries: {3,1}, {2}, {}, {-2,-4}.
-    ties = get_merge_method("ties").fn
-    assert ties(deltas, [1, 1, 1], MergeOptions(density=0.5, normalize=False), "w").tolist() == [4.0, 2.0, 0.0, -6.0]
-    assert ties(deltas, [1, 1, 1], MergeOptions(density=0.5, normalize=True), "w").tolist() == [2.0, 2.0, 0.0, -3.0]
+    assert merge_deltas("ties", deltas, [1, 1, 1], MergeOptions(density=0.5, normalize=False)).tolist() == [4.0, 2.0, 0.0, -6.0]
+    assert merge_deltas("ties", deltas, [1, 1, 1], MergeOptions(density=0.5, normalize=True)).tolist() == [2.0, 2.0, 0.0, -3.0]
 
 
 def test_ties_elects_signs_from_weighted_values():
     # Weighted values [1,2] and [-3,1]: sum [-2,3] elects [-,+]; agreeing: {-3}, {2,1}.
     deltas = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])]
-    ties = get_merge_method("ties").fn
-    assert ties(deltas, [1, -1], MergeOptions(density=1.0, normalize=False), "w").tolist() == [-3.0, 3.0]
-    assert ties(deltas, [1, -1], MergeOptions(density=1.0, normalize=True), "w").tolist() == [-3.0, 1.5]
+    assert merge_deltas("ties", deltas, [1, -1], MergeOptions(density=1.0, normalize=False)).tolist() == [-3.0, 3.0]
+    assert merge_deltas("ties", deltas, [1, -1], MergeOptions(density=1.0, normalize=True)).tolist() == [-3.0, 1.5]
 
 
 def test_dare_hand_computed_and_deterministic():
@@ -104,10 +104,10 @@ def test_dare_is_unbiased_in_expectation():
 def test_dare_variants_reduce_to_their_base_method_without_drops():
     deltas = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-3.0, -1.0, 1.5])]
     options = MergeOptions(drop=0.0, normalize=True)
-    assert torch.equal(get_merge_method("dare_linear").fn(deltas, [0.5, 2], options, "w"),
-                       get_merge_method("task_arithmetic").fn(deltas, [0.5, 2], options, "w"))
-    assert torch.equal(get_merge_method("dare_ties").fn(deltas, [0.5, 2], options, "w"),
-                       get_merge_method("ties").fn(deltas, [0.5, 2], MergeOptions(density=1.0, normalize=True), "w"))
+    assert torch.equal(merge_deltas("dare_linear", deltas, [0.5, 2], options, "w"),
+                       merge_deltas("task_arithmetic", deltas, [0.5, 2], options, "w"))
+    assert torch.equal(merge_deltas("dare_ties", deltas, [0.5, 2], options, "w"),
+                       merge_deltas("ties", deltas, [0.5, 2], MergeOptions(density=1.0, normalize=True), "w"))
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_ties_merge_on_a_model_matches_the_per_tensor_method(tmp_path):
     merged = params_of(tmp_path / "out")
     name = "model.layers.0.mlp.up_proj.weight"
     change = merged[name] - model.get_parameter(name)
-    expected = get_merge_method("ties").fn([one.deltas[name].dense, two.deltas[name].dense], [1.0, 0.5],
+    expected = merge_deltas("ties", [one.deltas[name].dense, two.deltas[name].dense], [1.0, 0.5],
                                            MergeOptions(density=0.3, normalize=True), name)
     torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6)
     assert 0.3 <= float((change != 0).float().mean()) <= 0.6  # trimmed: at most 2 × 30% of entries survive
@@ -188,6 +188,35 @@ def test_dare_merge_is_reproducible_by_seed(tmp_path):
         run_merge(base, vectors, tmp_path / out, method="dare_ties", drop=0.5, seed=seed, normalize=False)
     data = {out: (tmp_path / out / "model.safetensors").read_bytes() for out in "abc"}
     assert data["a"] == data["b"] and data["a"] != data["c"]
+
+
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.2, "normalize": True}),
+                                            ("dare_ties", {"drop": 0.3, "seed": 5, "normalize": False}),
+                                            ("dare_linear", {"drop": 0.6, "seed": 1})])
+def test_block_by_block_equals_whole_tensors(tmp_path, method, options):
+    base, model = save_model(tmp_path / "base", "gemma")
+    one = make_vector(tmp_path / "v1", model, seed=1, only={"model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"})
+    two = make_vector(tmp_path / "v2", model, seed=2)
+    make_vector(tmp_path / "v3", model, seed=3, rank=3)
+    vectors = [(tmp_path / "v1", 0.8), (tmp_path / "v2", -0.6)]
+    config = MergeConfig(base=str(base), method=method, vectors=[VectorRef(path=p, weight=w) for p, w in vectors], **options)
+    merge(config, tmp_path / "whole")
+    merge(config, tmp_path / "blocks", block_elements=100)  # 3 rows of the embedding per block
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "blocks" / "model.safetensors").read_bytes()
+    # ... and both equal the in-memory method on whole tensors.
+    name = "model.embed_tokens.weight"
+    expected = merge_deltas(method, [one.deltas[name].dense, two.deltas[name].dense], [0.8, -0.6],
+                            MergeOptions(**options), key=name)
+    torch.testing.assert_close(params_of(tmp_path / "blocks")[name], model.get_parameter(name) + expected, rtol=1e-6, atol=1e-7)
+    if method == "ties":
+        return  # with factors, an entry at the trim threshold may fall either side of it after the rounding below
+    # Factors multiplied block by block may round differently in the last bit (BLAS), nothing more.
+    config = config.model_copy(update={"vectors": [*config.vectors, VectorRef(path=tmp_path / "v3", weight=0.5)]})
+    merge(config, tmp_path / "whole3")
+    merge(config, tmp_path / "blocks3", block_elements=100)
+    whole, blocks = params_of(tmp_path / "whole3"), params_of(tmp_path / "blocks3")
+    for key in whole:
+        torch.testing.assert_close(blocks[key], whole[key], rtol=1e-5, atol=1e-7)
 
 
 def test_sharded_output_with_an_index_equals_the_single_file(tmp_path):

@@ -81,6 +81,6 @@ def test_strength_and_memory_of_several_topics(tmp_path):
 def test_bad_requests():
     lm = tiny_lm("llama")
     with pytest.raises(PersonaEditError, match="--topic"):
-        serac.fit(lm, Persona.parse("extraversion=high"), encoder="bow")
+        serac.fit(lm, Persona.parse("extraversion=high"), topic=" ", encoder="bow")
     with pytest.raises(PersonaEditError, match="scope encoder"):
         serac.fit(lm, Persona.parse("extraversion=high"), topic="chess", encoder="nope")

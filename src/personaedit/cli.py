@@ -196,7 +196,7 @@ def _edit_command(name: str):
     for option, param in method_options.items():
         flag = "--" + option.replace("_", "-")
         params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(hints[option]),
-                                        default=typer.Option(param.default, flag, help=helps.get(option))))
+                                        default=typer.Option(... if param.default is inspect.Parameter.empty else param.default, flag, help=helps.get(option))))
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = chosen.summary
     return command

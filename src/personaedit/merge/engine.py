@@ -10,13 +10,14 @@ touches (tied embeddings included) are copied byte for byte.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -24,12 +25,13 @@ from personaedit.edits.base import EDIT_JSON, FORMAT, TENSORS_FILE, BaseModelInf
 from personaedit.errors import EditError, InputFileError, ModelNotFoundError, PersonaEditError
 from personaedit.fileio import atomic_dir
 from personaedit.merge.config import MergeConfig, parse_size
-from personaedit.merge.methods import get_merge_method
+from personaedit.merge.methods import combine, get_merge_method, sparsifier
 from personaedit.merge.tensorfile import FLOAT_CODES, SafetensorsReader, SafetensorsWriter
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 RECORD_FILE = "personaedit-merge.json"
+BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32: larger tensors are merged block by block
 # Files of a model folder that are weights or our own bookkeeping, not copied beside the merged weights.
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 _NOT_COPIED_NAMES = (INDEX_FILE, "personaedit-cache.json", RECORD_FILE)
@@ -141,12 +143,11 @@ class VectorFile:
     def _keys(self, name: str) -> list[str]:
         return [f"{name}.delta"] if self.ranks[name] is None else [f"{name}.u", f"{name}.v"]
 
-    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ΔW of one parameter (u vᵀ for factors), times the edit's own scale."""
-        if self.ranks[name] is None:
-            dense = self.reader.read(f"{name}.delta").to(dtype)
-        else:
-            dense = self.reader.read(f"{name}.u").to(dtype) @ self.reader.read(f"{name}.v").to(dtype).T
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Dense ΔW of one parameter (u vᵀ for factors), or of its rows start:stop, times the edit's own scale."""
+        first = f"{name}.delta" if self.ranks[name] is None else f"{name}.u"
+        part = self.reader.read(first) if rows is None or not self.shapes[name] else self.reader.read_rows(first, *rows)
+        dense = part.to(dtype) if self.ranks[name] is None else part.to(dtype) @ self.reader.read(f"{name}.v").to(dtype).T
         return dense if self.scale == 1.0 else dense * self.scale
 
     def close(self) -> None:
@@ -227,9 +228,10 @@ def _refuse_foreign_output(out: Path, base_folder: Path) -> None:
         raise PersonaEditError(f"refusing to overwrite {out}: it exists and is not a personaedit merge output")
 
 
-def merge(config: MergeConfig, out: Optional[Path] = None, *,
-          on_progress: Optional[Callable[[int, int], None]] = None) -> MergeResult:
-    """Merge the config's vectors into its base and write a Hugging Face model folder to `out`."""
+def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optional[Callable[[int, int], None]] = None,
+          block_elements: int = BLOCK_ELEMENTS) -> MergeResult:
+    """Merge the config's vectors into its base and write a Hugging Face model folder to `out`.
+    Tensors larger than `block_elements` are merged and written in blocks of rows (same result)."""
     start = time.perf_counter()
     out = Path(out or config.out or "")
     if not str(out) or out == Path("."):
@@ -254,8 +256,8 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *,
                     writer = SafetensorsWriter(handle, layout, {"format": "pt"})
                     for key in shard:
                         if key in touched:
-                            merged = _merged_tensor(key, touched[key], checkpoint, vectors, config, method, options)
-                            behind.submit(writer.write, key, merged)
+                            for block in _merged_blocks(key, touched[key], checkpoint, vectors, config, method, options, block_elements):
+                                behind.submit(writer.write, key, block)
                         else:
                             behind.submit(writer.write_raw, key, checkpoint.where[key])
                         done += 1
@@ -325,15 +327,37 @@ def _match_vectors(vectors: list[VectorFile], checkpoint: Checkpoint) -> dict[st
     return touched
 
 
-def _merged_tensor(key, contributors, checkpoint, vectors, config, method, options) -> torch.Tensor:
-    base = checkpoint.where[key].read(key)
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    # A vector that does not touch this tensor contributes δ = 0 (it still counts in sign election).
-    present = dict((i, name) for i, name in contributors)
-    deltas = [vectors[i].delta(present[i], work) if i in present else torch.zeros(base.shape, dtype=work) for i in range(len(vectors))]
+def _merged_blocks(key, contributors, checkpoint, vectors, config, method, options, block_elements) -> Iterator[torch.Tensor]:
+    """base + ΔW for one tensor, as consecutive blocks of rows in the base's dtype."""
+    reader = checkpoint.where[key]
+    info = reader.tensors[key]
+    work = torch.float64 if info.dtype == "F64" else torch.float32
+    shape = info.shape or (1,)
+    rows = shape[0]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, block_elements // per_row)
+    present = dict(contributors)
     weights = [ref.weight for ref in config.vectors]
-    change = method.fn(deltas, weights, options, key)
-    return (base.to(work) + change).to(base.dtype)
+    blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+    def magnitudes(i: int) -> torch.Tensor:
+        # Built from the same blocks as the merge, so a magnitude threshold sees exactly the values it trims.
+        out = torch.empty(rows * per_row, dtype=work)
+        for start, stop in blocks:
+            out[start * per_row:stop * per_row] = vectors[i].delta(present[i], work, (start, stop)).reshape(-1).abs_()
+        return out
+
+    sparsify = [sparsifier(method, options, i, key, lambda i=i: magnitudes(i)) if i in present else None for i in range(len(vectors))]
+    for start, stop in blocks:
+        base = reader.read_rows(key, start, stop) if info.shape else reader.read(key).reshape(1)
+        # A vector that does not touch this tensor contributes δ = 0 (it still counts in sign election).
+        deltas = [
+            sparsify[i](vectors[i].delta(present[i], work, (start, stop)).reshape(base.shape)) if i in present
+            else torch.zeros(base.shape, dtype=work)
+            for i in range(len(vectors))
+        ]
+        change = combine(method, deltas, weights, options)
+        yield change.add_(base.to(work)).to(base.dtype).reshape(base.shape if info.shape else ())
 
 
 def _copy_model_files(source: Path, target: Path) -> None:

@@ -1,14 +1,17 @@
-"""Per-tensor merge methods: given the task vectors δ_i of one parameter and their weights w_i, the ΔW to add.
+"""Merge methods: given the task vectors δ_i of one parameter and their weights w_i, the ΔW to add.
 
-- task_arithmetic: Σ w_i δ_i.
-- ties: trim each δ_i to its `density` share of largest magnitudes, elect a sign per entry from the sum of
-  the weighted trimmed values, keep only the weighted values that agree with it, and sum them (or, with
-  `normalize`, average them over the vectors that agree: the TIES disjoint mean).
+A method is a sparsification of each δ_i followed by a way to combine them:
+- task_arithmetic: no sparsification; Σ w_i δ_i.
+- ties: keep the round(density · n) entries of largest magnitude of each δ_i (trim), elect a sign per
+  entry from the sum of the weighted trimmed values, keep only the weighted values that agree with it and
+  sum them (or, with `normalize`, average them over the vectors that agree: the TIES disjoint mean).
 - dare_linear / dare_ties: drop each entry of each δ_i with probability `drop`, rescale survivors by
-  1/(1 − drop), then task arithmetic / TIES sign election and disjoint merge (no magnitude trim).
+  1/(1 − drop), then Σ w_i δ_i / the TIES sign election and disjoint merge (no magnitude trim).
 
 Weights are applied before sign election and normalisation divides by a *count*, never by a sum of
 weights, so a single vector at weight −1 gives −δ and at 0.5 gives δ/2 whatever the options.
+Sparsifiers work on consecutive row blocks of a tensor (the engine streams large tensors in blocks);
+the result does not depend on the block size.
 """
 
 from __future__ import annotations
@@ -32,28 +35,29 @@ class MergeOptions:
     seed: int = 0
 
 
-MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], MergeOptions, str], torch.Tensor]
-
-
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    uses: tuple[str, ...]
-    fn: MergeFn
+    sparsify: str  # "none" | "magnitude" | "dare"
+    combine: str  # "linear" | "disjoint"
     description: str
 
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The MergeOptions fields this method reads."""
+        own = {"none": (), "magnitude": ("density",), "dare": ("drop", "seed")}[self.sparsify]
+        return own + (("normalize",) if self.combine == "disjoint" else ())
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
 
-
-def merge_method(name: str, uses: tuple[str, ...] = ()) -> Callable[[MergeFn], MergeFn]:
-    """Register a per-tensor merge function under `name`; `uses` lists the MergeOptions fields it reads."""
-
-    def register(fn: MergeFn) -> MergeFn:
-        MERGE_METHODS[name] = MergeMethod(name, uses, fn, (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return register
+MERGE_METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod("task_arithmetic", "none", "linear", "Σ w_i δ_i"),
+        MergeMethod("ties", "magnitude", "disjoint", "trim to the top density, elect signs, merge the agreeing entries"),
+        MergeMethod("dare_linear", "dare", "linear", "DARE drop and rescale, then Σ w_i δ_i"),
+        MergeMethod("dare_ties", "dare", "disjoint", "DARE drop and rescale, then TIES sign election and disjoint merge"),
+    )
+}
 
 
 def get_merge_method(name: str) -> MergeMethod:
@@ -62,17 +66,21 @@ def get_merge_method(name: str) -> MergeMethod:
     return MERGE_METHODS[name]
 
 
-# --- the pieces ------------------------------------------------------------------------------------
+# --- sparsification --------------------------------------------------------------------------------
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the round(density · n) entries of largest magnitude, zero the rest."""
-    keep = int(round(density * delta.numel()))
-    if keep >= delta.numel():
-        return delta
-    mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    if keep > 0:
-        mask[torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices] = True
-    return delta * mask.view_as(delta)
+def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """The round(density · n)-th largest of |δ|'s entries: trimming keeps the entries at or above it."""
+    n = magnitudes.numel()
+    keep = int(round(density * n))
+    if keep >= n:
+        return 0.0
+    if keep == 0:
+        return float("inf")
+    return float(torch.kthvalue(magnitudes.reshape(-1), n - keep + 1).values)
+
+
+def trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    return delta * (delta.abs() >= threshold)
 
 
 def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
@@ -93,6 +101,28 @@ def dare_generator(seed: int, vector_index: int, key: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def sparsifier(method: MergeMethod, options: MergeOptions, vector_index: int, key: str,
+               magnitudes: Callable[[], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What to do to each consecutive row block of vector `vector_index`'s δ for tensor `key`.
+    `magnitudes()` gives |δ| of the whole tensor; only magnitude trimming asks (once, for its threshold)."""
+    if method.sparsify == "magnitude" and options.density < 1:
+        threshold = magnitude_threshold(magnitudes(), options.density)
+        return lambda block: trim(block, threshold)
+    if method.sparsify == "dare":
+        generator = dare_generator(options.seed, vector_index, key)  # drawn block after block, in order
+        return lambda block: dare(block, options.drop, generator)
+    return lambda block: block
+
+
+# --- combination -----------------------------------------------------------------------------------
+
+def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros_like(deltas[0])
+    for weight, delta in zip(weights, deltas):
+        total.add_(delta, alpha=weight)
+    return total
+
+
 def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """TIES sign election on the weighted values, then their sum (or mean over agreeing vectors)."""
     weighted = [w * d for w, d in zip(weights, deltas)]
@@ -108,32 +138,15 @@ def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], nor
     return merged / count.clamp_(min=1) if normalize else merged
 
 
-# --- the registered methods ------------------------------------------------------------------------
-
-@merge_method("task_arithmetic")
-def task_arithmetic(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions, key: str) -> torch.Tensor:
-    """Σ w_i δ_i."""
-    total = torch.zeros_like(deltas[0])
-    for weight, delta in zip(weights, deltas):
-        total.add_(delta, alpha=weight)
-    return total
+def combine(method: MergeMethod, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions) -> torch.Tensor:
+    if method.combine == "linear":
+        return linear_merge(deltas, weights)
+    return disjoint_merge(deltas, weights, options.normalize)
 
 
-@merge_method("ties", uses=("density", "normalize"))
-def ties(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions, key: str) -> torch.Tensor:
-    """Trim to the top `density`, elect signs, merge the agreeing entries."""
-    return disjoint_merge([trim(d, options.density) for d in deltas], weights, options.normalize)
-
-
-@merge_method("dare_linear", uses=("drop", "seed"))
-def dare_linear(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions, key: str) -> torch.Tensor:
-    """DARE drop and rescale, then Σ w_i δ_i."""
-    dropped = [dare(d, options.drop, dare_generator(options.seed, i, key)) for i, d in enumerate(deltas)]
-    return task_arithmetic(dropped, weights, options, key)
-
-
-@merge_method("dare_ties", uses=("drop", "seed", "normalize"))
-def dare_ties(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions, key: str) -> torch.Tensor:
-    """DARE drop and rescale, then TIES sign election and disjoint merge."""
-    dropped = [dare(d, options.drop, dare_generator(options.seed, i, key)) for i, d in enumerate(deltas)]
-    return disjoint_merge(dropped, weights, options.normalize)
+def merge_deltas(name: str, deltas: Sequence[torch.Tensor], weights: Sequence[float],
+                 options: MergeOptions = MergeOptions(), key: str = "") -> torch.Tensor:
+    """The merged ΔW of whole in-memory tensors (the engine does the same block by block)."""
+    method = get_merge_method(name)
+    sparse = [sparsifier(method, options, i, key, d.abs)(d) for i, d in enumerate(deltas)]
+    return combine(method, sparse, weights, options)

@@ -82,12 +82,22 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype, in fresh memory."""
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self.read_rows(name, 0, info.shape[0]) if info.shape else self._read_bytes(info, info.begin, info.nbytes).reshape(())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (along the first dimension) of one tensor: contiguous bytes in the file."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        block = self._read_bytes(info, info.begin + start * row_bytes, (stop - start) * row_bytes)
+        return block.reshape(stop - start, *info.shape[1:])
+
+    def _read_bytes(self, info: TensorInfo, offset: int, size: int) -> torch.Tensor:
+        buffer = torch.empty(size, dtype=torch.uint8)
         handle = self._file()
-        handle.seek(info.begin)
-        if info.nbytes and handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
-            raise InputFileError(f"{self.path} is truncated (tensor {name})")
-        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+        handle.seek(offset)
+        if size and handle.readinto(memoryview(buffer.numpy())) != size:
+            raise InputFileError(f"{self.path} is truncated (tensor {info.name})")
+        return buffer.view(DTYPES[info.dtype])
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         """Copy one tensor's bytes unchanged, in bounded blocks (on its own handle: safe beside `read`
@@ -123,18 +133,20 @@ class SafetensorsWriter:
         handle.write(encoded)
         self._handle = handle
         self._next = 0
-
-    def expect(self) -> tuple[str, int]:
-        """The name and byte size of the next tensor to write."""
-        return self._sizes[self._next]
+        self._partial = 0  # bytes of tensor `_next` written so far
 
     def _advance(self, name: str, size: int) -> None:
+        if self._next >= len(self._sizes):
+            raise RuntimeError(f"tensor {name} is not in this file's layout")
         want, want_size = self._sizes[self._next]
-        if (name, size) != (want, want_size):
-            raise RuntimeError(f"expected tensor {want} ({want_size} bytes), got {name} ({size} bytes)")
-        self._next += 1
+        if name != want or self._partial + size > want_size:
+            raise RuntimeError(f"expected (the rest of) tensor {want} ({want_size - self._partial} bytes), got {name} ({size} bytes)")
+        self._partial += size
+        if self._partial == want_size:
+            self._next, self._partial = self._next + 1, 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A whole tensor, or the next consecutive block of its rows."""
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._advance(name, data.numel())
         self._handle.write(memoryview(data.numpy()))
@@ -144,7 +156,7 @@ class SafetensorsWriter:
         reader.copy_raw(name, self._handle)
 
     def finish(self) -> None:
-        if self._next != len(self._sizes):
+        if self._next != len(self._sizes) or self._partial:
             raise RuntimeError(f"{len(self._sizes) - self._next} tensors were not written")
 
 

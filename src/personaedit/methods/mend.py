@@ -43,7 +43,7 @@ def fit(
     lm: LoadedModel,
     persona: Persona,
     *,
-    topic: str = "",
+    topic: str,
     text: str | None = None,
     editor: str | None = None,
     train: bool = False,

@@ -48,7 +48,7 @@ def fitted_threshold(encoder: str = "minilm") -> tuple[float, float, float]:
 
 
 @method("serac", family="context")
-def fit(lm: LoadedModel, persona: Persona, *, topic: str = "", encoder: str = "minilm",  # noqa: ARG001
+def fit(lm: LoadedModel, persona: Persona, *, topic: str, encoder: str = "minilm",  # noqa: ARG001
         threshold: float | None = None) -> RoutedEdit:
     """SERAC: an edit memory of (topic, persona) with a scope classifier; out of scope the base model answers."""
     topics = tuple(t.strip() for t in topic.split(",") if t.strip())
