@@ -61,6 +61,8 @@ def test_trim_keeps_the_largest_magnitudes():
     assert magnitude_threshold(delta.abs(), 0.5) == 2.0 and trim(delta, 2.0).tolist() == [3.0, 0.0, 0.0, -2.0]
     assert magnitude_threshold(delta.abs(), 1.0) == 0.0 and magnitude_threshold(delta.abs(), 0.25) == 3.0
     assert magnitude_threshold(delta.abs(), 0.01) == float("inf")
+    big = torch.randn(10_001, generator=torch.Generator().manual_seed(0))
+    assert magnitude_threshold(big.abs(), 0.3) == float(big.abs().topk(3000).values.min())
 
 
 def test_ties_hand_computed():

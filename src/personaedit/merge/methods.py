@@ -69,14 +69,17 @@ def get_merge_method(name: str) -> MergeMethod:
 # --- sparsification --------------------------------------------------------------------------------
 
 def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
-    """The round(density · n)-th largest of |δ|'s entries: trimming keeps the entries at or above it."""
+    """The round(density · n)-th largest of |δ|'s entries: trimming keeps the entries at or above it.
+    `magnitudes` is a fresh CPU tensor that this reorders in place (a selection, no copy)."""
     n = magnitudes.numel()
     keep = int(round(density * n))
     if keep >= n:
         return 0.0
     if keep == 0:
         return float("inf")
-    return float(torch.kthvalue(magnitudes.reshape(-1), n - keep + 1).values)
+    values = magnitudes.reshape(-1).numpy()
+    values.partition(n - keep)
+    return float(values[n - keep])
 
 
 def trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
