@@ -308,7 +308,7 @@ def vector_train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the vector; re-running resumes from its checkpoints."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     big5_chat: Optional[Path] = typer.Option(None, "--big5-chat", help="Train on this Big5-Chat CSV instead of distilled answers."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many training questions (or CSV rows)."),
+    limit: int = typer.Option(64, "--limit", min=0, help="Training questions (or Big5-Chat rows) to use; 0 = all."),
     samples_per_question: int = typer.Option(1, "--samples-per-question", min=1, help="Distilled answers per question."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of distilled answers."),
     prompt_strength: float = typer.Option(1.5, "--prompt-strength", help="Persona prompt strength for distillation."),

@@ -187,7 +187,7 @@ def train_vector(
     out: str | Path,
     *,
     big5_chat: str | Path | None = None,
-    limit: int | None = None,
+    limit: int | None = 64,
     samples_per_question: int = 1,
     max_new_tokens: int = 64,
     prompt_strength: float = 1.5,
@@ -206,10 +206,10 @@ def train_vector(
     """Fine-tune a copy of `lm` on dialogue in `persona` (LoRA of `lora_rank`, or full when 0) and return
     φ as a WeightEdit, also saved into `out`. Re-running with the same `out` resumes the run.
 
-    Data: `out`/examples.jsonl when present, else the rows of `big5_chat` for the persona's pole, else the
-    model's own answers under the persona prompt (at `prompt_strength`) to `limit` (default all) training
-    questions, `samples_per_question` each, `max_new_tokens` long. `on_progress(stage, done, total)` is
-    called for the stages "distilling" and "training" (optimiser steps)."""
+    Data: `out`/examples.jsonl when present, else at most `limit` rows of `big5_chat` for the persona's
+    pole, else the model's own answers under the persona prompt (at `prompt_strength`) to `limit` training
+    questions drawn with `seed` (None or 0: all 128), `samples_per_question` each, `max_new_tokens` long.
+    `on_progress(stage, done, total)` is called for the stages "distilling" and "training" (optimiser steps)."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -240,7 +240,7 @@ def train_vector(
     )
 
     with args.main_process_first(desc="training data"):  # under `accelerate launch` the others read the cache
-        examples = _examples(lm, persona, out / EXAMPLES_FILE, big5_chat, limit, samples_per_question, max_new_tokens,
+        examples = _examples(lm, persona, out / EXAMPLES_FILE, big5_chat, limit or None, samples_per_question, max_new_tokens,
                              prompt_strength, seed, on_progress)
     tokenizer = lm.tokenizer
     dataset = [encode_example(tokenizer, e, max_length) for e in examples]
