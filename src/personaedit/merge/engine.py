@@ -249,9 +249,9 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optio
         shards = _plan_shards(keys, checkpoint, max_bytes)
         names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         done = 0
-        with atomic_dir(out) as tmp, _WriteBehind() as behind:
+        with atomic_dir(out) as tmp:
             for name, shard in zip(names, shards):
-                with open(tmp / name, "wb") as handle:
+                with open(tmp / name, "wb") as handle, _WriteBehind() as behind:
                     layout = [(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in shard]
                     writer = SafetensorsWriter(handle, layout, {"format": "pt"})
                     for key in shard:
@@ -301,6 +301,7 @@ class _WriteBehind:
         return self
 
     def __exit__(self, *exc) -> None:
+        # On an error, pending writes are dropped; the one running finishes before the file is closed.
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
