@@ -159,9 +159,11 @@ def loaded_names(folder: Path, keys: list[str]) -> dict[str, str]:
     """Checkpoint key -> the parameter name transformers loads it as. Some families store legacy names
     (GPT-NeoX's `embed_out` is `lm_head`); transformers' own renaming rules for the folder's
     architecture say how. Tensors it converts rather than renames keep their key (and will not match)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without renaming rules loads checkpoint names as they are
+        return {key: key for key in keys}
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
