@@ -1,5 +1,6 @@
-"""The streaming merge: base tensors and vector tensors are read one at a time, merged, and written
-shard by shard into a standard Hugging Face folder, so peak memory is a few tensors, whatever the model.
+"""The streaming merge: base tensors and vector tensors are read one at a time (large ones in blocks of
+rows), merged, and written shard by shard into a standard Hugging Face folder by a writer thread that
+runs behind the merging, so peak memory is a few blocks, whatever the model.
 
 A personality vector is a WeightEdit folder (`edit.json` + `tensors.safetensors`, tensors named
 `{param}.delta` or `{param}.u` / `{param}.v` with ΔW = u vᵀ). The target model may differ from the
