@@ -159,9 +159,11 @@ def fit_softmax(
     return result.x[: n_classes * d].reshape(n_classes, d), result.x[n_classes * d:]
 
 
-def fit_logistic(x: np.ndarray, positive: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+def fit_logistic(
+    x: np.ndarray, positive: np.ndarray, l2: float, sample_weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
     """Binary logistic regression for p(positive): a two-class softmax folded into one weight vector."""
-    w, b = fit_softmax(x, np.asarray(positive, dtype=int), 2, l2)
+    w, b = fit_softmax(x, np.asarray(positive, dtype=int), 2, l2, sample_weight)
     return w[1] - w[0], float(b[1] - b[0])
 
 
