@@ -266,3 +266,19 @@ def test_context_edit_reaches_generation(lm):
         edited = generate(lm, ["hello"], max_new_tokens=5)
     assert plain == generate(lm, ["hello"], max_new_tokens=5)
     assert edited != plain
+
+
+def test_saved_folders_and_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from personaedit.fileio import atomic_dir, write_json_atomic
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "edit") as tmp:
+            write_json_atomic(tmp / "edit.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "edit").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "edit" / "edit.json").stat().st_mode) == 0o644
