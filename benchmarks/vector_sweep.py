@@ -45,15 +45,15 @@ def held_out(personas: list[Persona]) -> list[str]:
 
 def merged(method: str, edits: list[WeightEdit], weights: list[float], lm: LoadedModel, **knobs: float) -> WeightEdit:
     """Two vectors merged tensor by tensor with personaedit.merge's method, as one dense weight edit."""
-    from personaedit.merge import MergeOptions, get_merge_method
+    from personaedit.merge.methods import MergeOptions, merge_deltas
 
-    fn, options = get_merge_method(method).fn, MergeOptions(**knobs)
+    options = MergeOptions(**knobs)
     names = sorted(set().union(*(e.deltas for e in edits)))
     deltas = {}
     for name in names:
         shape = next(e.deltas[name].shape for e in edits if name in e.deltas)
         parts = [e.deltas[name].materialise(torch.device("cpu")) if name in e.deltas else torch.zeros(shape) for e in edits]
-        deltas[name] = Delta(dense=fn(parts, weights, options, name))
+        deltas[name] = Delta(dense=merge_deltas(method, parts, weights, options, name))
     return WeightEdit(method=f"vector-{method}", options={"weights": weights, **knobs}, base=BaseModelInfo.of(lm), deltas=deltas)
 
 
@@ -63,8 +63,9 @@ def main() -> None:
     parser.add_argument("--persona", action="append", default=[], help="repeat; the first is swept")
     parser.add_argument("--alphas", default="0,0.5,1,1.5,2")
     parser.add_argument("--weight", type=float, default=1.0, help="each vector's weight in the composition")
-    parser.add_argument("--limit", type=int, default=None, help="training questions per vector (default: all)")
+    parser.add_argument("--limit", type=int, default=64, help="training questions per vector (0: all)")
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: train_vector's)")
     parser.add_argument("--gen-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     for persona in personas:
         folder = args.work / re.sub(r"[^a-z0-9]+", "-", persona.spec().lower())
         start = time.perf_counter()
-        trained = train_vector(lm, persona, folder, limit=args.limit, epochs=args.epochs,
+        trained = train_vector(lm, persona, folder, limit=args.limit, epochs=args.epochs, learning_rate=args.lr,
                                on_progress=lambda stage, done, total: log(f"{persona.spec()} {stage} {done}/{total}"))
         key = f"train {persona.spec()}"
         if trained.resumed_from == 0 or key not in results:
@@ -134,8 +135,13 @@ def main() -> None:
     for label, row in results.items():
         if "scores" in row:
             print(f"{label:<36}" + "".join(f"{row['scores'][t]:>+18.3f}" for t in traits) + f"{row['coherent']:>10.0%}")
-    ys = [results["base" if a == 0 else f"{first} α={a:g}"]["scores"][traits[0]] for a in alphas]
+    rows = [results["base" if a == 0 else f"{first} α={a:g}"] for a in alphas]
+    ys = [r["scores"][traits[0]] for r in rows]
     print(f"\nPearson(α, {traits[0]} score) over α = {args.alphas}: {np.corrcoef(alphas, ys)[0, 1]:+.3f}")
+    kept = [(a, y) for a, y, r in zip(alphas, ys, rows) if r["coherent"] >= 0.8]
+    if len(kept) >= 3:
+        xs, ks = zip(*kept)
+        print(f"  over the α with ≥ 80% coherent replies ({', '.join(f'{a:g}' for a in xs)}): {np.corrcoef(xs, ks)[0, 1]:+.3f}")
     for key, row in results.items():
         if key.startswith("train "):
             print(f"{key}: {row['examples']} examples, {row['steps']} steps, training {row['train_s']:.0f} s, "

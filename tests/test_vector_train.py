@@ -9,7 +9,7 @@ from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import InputFileError, PersonaSpecError
 from personaedit.vectors import train_vector
 from personaedit.vectors import train as train_module
-from personaedit.vectors.distill import Example, load_examples, save_examples
+from personaedit.vectors.distill import Example, load_examples, reply_ended, save_examples
 from personaedit.vectors.train import encode_example
 from test_cli import run
 from test_loading import save_tiny
@@ -140,6 +140,13 @@ def test_loss_is_on_the_reply_and_end_of_turn_only(lm):
     assert encoded["input_ids"][prompt_len:] == reply
     assert "Tea or coffee?" in lm.tokenizer.decode(encoded["input_ids"][:prompt_len])
     assert len(encode_example(lm.tokenizer, example, max_length=8)["labels"]) == 8
+    cut = encode_example(lm.tokenizer, Example("Tea or coffee?", "Coffee with", ended=False), max_length=512)
+    assert cut["labels"][-1] != lm.tokenizer.eos_token_id  # a reply cut at the limit does not end the turn
+
+
+def test_distilled_replies_cut_at_the_token_limit_are_marked(lm):
+    assert reply_ended(lm.tokenizer, "Coffee with friends!", max_new_tokens=64)
+    assert not reply_ended(lm.tokenizer, "I love parties " * 40, max_new_tokens=64)
 
 
 def test_cli_trains_a_vector_usable_as_a_weight_edit(tmp_path, capsys):

@@ -23,10 +23,12 @@ from personaedit.persona import Persona, describe
 
 @dataclass(frozen=True)
 class Example:
-    """One training turn: a user message and the reply to learn."""
+    """One training turn: a user message and the reply to learn; `ended` when the reply is whole (a reply
+    cut at the token limit must not teach the model to end its turn mid-sentence)."""
 
     prompt: str
     response: str
+    ended: bool = True
 
 
 def training_questions() -> list[str]:
@@ -62,8 +64,15 @@ def distill(
 
         replies = generate(lm, asked, system=system, max_new_tokens=max_new_tokens, sample=True,
                            seed=seed + 1000 * round_, batch_size=batch_size, on_batch=progress)
-        examples += [Example(q, r) for q, r in zip(asked, replies) if r.strip()]
+        examples += [Example(q, r, ended=reply_ended(lm.tokenizer, r, max_new_tokens))
+                     for q, r in zip(asked, replies) if r.strip()]
     return examples
+
+
+def reply_ended(tokenizer, reply: str, max_new_tokens: int) -> bool:
+    """Whether generation stopped on its own before the token limit (the decoded reply re-encodes to about
+    the tokens generated; the margin covers a merge at the edges)."""
+    return len(tokenizer(reply, add_special_tokens=False)["input_ids"]) < max_new_tokens - 2
 
 
 def big5_chat_examples(path: str | Path, persona: Persona, limit: int | None = None) -> list[Example]:

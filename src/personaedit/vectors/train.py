@@ -51,11 +51,12 @@ class TrainedVector:
 
 
 def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
-    """Chat-formatted question (no system prompt) + reply and end of turn; loss on the reply only."""
+    """Chat-formatted question (no system prompt) + reply (+ end of turn when the reply is whole); loss on the
+    reply only."""
     text, uses_template = render_chat(tokenizer, [{"role": "user", "content": example.prompt}])
     prompt = tokenizer(text, add_special_tokens=not uses_template)["input_ids"]
     reply = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    if example.ended and tokenizer.eos_token_id is not None:
         reply = reply + [tokenizer.eos_token_id]
     ids = (prompt + reply)[:max_length]
     labels = ([-100] * len(prompt) + reply)[:max_length]
