@@ -138,7 +138,8 @@ def run_main(args) -> dict:
         base_eff = efficacy_rates(lm, persona, args.queries)
         start = time.perf_counter()
         with PeakMemory() as memory:
-            edit = fit_edit("palette", lm, persona, queries=args.queries, **({"layer": args.layer} if args.layer is not None else {}))
+            edit = fit_edit("palette", lm, persona, queries=args.queries, protect=args.protect,
+                            **({"layer": args.layer} if args.layer is not None else {}))
         seconds = time.perf_counter() - start
         with edit.apply(lm):
             eff = efficacy_rates(lm, persona, args.queries)
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--layers", default="8,16,24")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--queries", type=int, default=12)
+    parser.add_argument("--protect", action="store_true", help="PALETTE's protect option (earlier keys kept)")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)

@@ -137,6 +137,15 @@ def test_palette_applies_queries_sequentially_as_rank_one_factors(family, tmp_pa
     assert torch.allclose(one.deltas[name].u[:, 0], delta.u[:, 0]) and torch.allclose(one.deltas[name].v[:, 0], delta.v[:, 0])
 
 
+def test_palette_protect_keeps_each_update_off_the_earlier_keys(lm):
+    options = {k: v for k, v in TINY.items() if k != "layer"} | {"steps": 3}
+    edit = fit_edit("palette", lm, "tf=F", queries=3, layer=1, protect=True, **options)
+    (delta,) = edit.deltas.values()
+    gram = delta.v.T @ delta.v  # each v is orthogonal to the earlier keys, hence to the earlier v's
+    off_diagonal = gram - torch.diag(gram.diagonal())
+    assert off_diagonal.abs().max() < 1e-4 * gram.diagonal().max()
+
+
 def test_default_layer_follows_depth():
     assert locate.default_layer(30) == 16 and locate.default_layer(28) == 15 and locate.default_layer(3) == 2
 

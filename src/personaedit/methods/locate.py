@@ -378,11 +378,18 @@ def optimise_delta(
 # ------------------------------------------------------------------------------------------- update
 
 def rank_one(lm: LoadedModel, layer: int, key: torch.Tensor, delta: torch.Tensor,
-             inverse_moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             inverse_moment: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u [out], v [in]) of ΔW = u vᵀ in [out, in] layout with ΔW k* = δ:
-    v = C⁻¹k*, u = δ / (k*ᵀ C⁻¹ k*) (C = I without covariance adjustment)."""
+    v = C⁻¹k*, u = δ / (k*ᵀ C⁻¹ k*) (C = I without covariance adjustment).
+
+    `keep` ([in, m], earlier keys): v is also made orthogonal to them, so ΔW maps each to 0 and
+    leaves what earlier edits made of them as it was."""
     key64 = key.double()
     v = key64 if inverse_moment is None else inverse_moment.to(key64.device) @ key64
+    if keep is not None and keep.shape[1]:
+        basis, _ = torch.linalg.qr(keep.double().to(v.device))
+        v = v - basis @ (basis.T @ v)
     u = delta.double() / float(key64 @ v)
     return u.float(), v.float()
 
@@ -400,17 +407,20 @@ class RankOne:
 
     u: torch.Tensor
     v: torch.Tensor
+    key: torch.Tensor
     info: dict[str, float]
 
 
 def edit_request(lm: LoadedModel, request: Request, layer: int, prefixes: Sequence[str], options: ValueOptions, *,
-                 token: str = "last", inverse_moment: torch.Tensor | None = None) -> RankOne:
-    """r-ROME for one request on the model as it is now: averaged key, value optimised at that key's output."""
+                 token: str = "last", inverse_moment: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> RankOne:
+    """r-ROME for one request on the model as it is now: averaged key, value optimised at that key's output
+    (`keep`: earlier keys the update must leave alone, see `rank_one`)."""
     contexts = read_in_contexts(lm, request, prefixes, token)
     # The mean `down_proj` output over contexts is W k* + b for the mean key k*: v₀ of the consistent key.
     value = optimise_delta(lm, request, contexts, ("mlp_out", layer), options, key_layer=layer, token=token)
-    u, v = rank_one(lm, layer, value.key, value.delta, inverse_moment)
-    return RankOne(u, v, {**value.info, "delta_norm": float(value.delta.norm()), "value_norm": float(value.reference.norm())})
+    u, v = rank_one(lm, layer, value.key, value.delta, inverse_moment, keep)
+    return RankOne(u, v, value.key, {**value.info, "delta_norm": float(value.delta.norm()), "value_norm": float(value.reference.norm())})
 
 
 def greedy_continuations(lm: LoadedModel, prompts: Sequence[str], lengths: Sequence[int],

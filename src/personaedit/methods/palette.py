@@ -8,11 +8,18 @@ the last layer); keys and values are read over the bare query and 5 model-writte
 generates 10; 5 halve the cost of every step). The layer defaults to 15/28 of the depth (the paper's layer 15 of Qwen2.5-1.5B's 28):
 layer 16 of SmolLM2-135M's 30, 6 of GPT-2's 12, 15 of Qwen2.5-1.5B's 28, 17 of Llama-3-8B's 32.
 A level below 1 in size scales that dimension's updates; a negative level uses the opposite pole's queries.
+
+Plain sequential r-ROME lets later queries overwrite earlier ones: every query's key is the down_proj
+input at "I", so the keys are close to parallel and each rank-one update moves the earlier keys' outputs
+too. `protect` makes each update orthogonal to the earlier queries' keys (ΔW k_j = 0 for j < i), so every
+edit keeps what the earlier ones did to their keys; off by default (the paper's procedure).
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import contextlib
 
 import torch
 
@@ -58,6 +65,7 @@ def fit(
     clamp: float = 4.0,
     prefixes: int = 5,
     prefix_length: int = 10,
+    protect: bool = False,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
@@ -67,23 +75,22 @@ def fit(
     options = ValueOptions(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp)
     contexts = random_prefixes(lm, prefixes, prefix_length, seed)
     param = lm.arch.mlp_out_param(chosen)
-    us, vs, fitted = [], [], {}
+    us, vs, keys, fitted = [], [], [], {}
 
     def so_far() -> WeightEdit:
         return WeightEdit(method="palette", deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})
 
     for done, (request, scale, query_id) in enumerate(requests):
-        if us:
-            with so_far().apply(lm):
-                update = edit_request(lm, request, chosen, contexts, options, token=subject_token)
-        else:
-            update = edit_request(lm, request, chosen, contexts, options, token=subject_token)
+        keep = torch.stack(keys, 1) if protect and keys else None
+        with so_far().apply(lm) if us else contextlib.nullcontext():
+            update = edit_request(lm, request, chosen, contexts, options, token=subject_token, keep=keep)
         us.append(update.u * scale)
         vs.append(update.v)
+        keys.append(update.key)
         fitted[query_id] = update.info
         if on_progress:
             on_progress(done + 1, len(requests))
-    recorded = {"queries": queries, "layer": chosen, "subject_token": subject_token, "steps": steps, "lr": lr,
+    recorded = {"queries": queries, "layer": chosen, "subject_token": subject_token, "protect": protect, "steps": steps, "lr": lr,
                 "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "prefixes": prefixes,
                 "prefix_length": prefix_length, "seed": seed, "fitted": fitted}
     return WeightEdit(method="palette", persona=persona, options=recorded, base=BaseModelInfo.of(lm),
