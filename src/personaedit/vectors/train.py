@@ -9,6 +9,7 @@ parameter's own layout), or dense differences after full fine-tuning. The base m
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -124,8 +125,6 @@ def _check_run(out: Path, run: dict[str, Any]) -> None:
     """A folder resumes only the run it was started for."""
     path = out / RUN_FILE
     if path.is_file():
-        import json
-
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
