@@ -430,13 +430,17 @@ def judge(
 def judge_train(
     out: Path = typer.Option(..., "--out", help="Where to write the head (.safetensors; a .json beside it)."),
     seed: int = typer.Option(0, "--seed"),
+    adapter: bool = typer.Option(False, "--adapter/--no-adapter",
+                                 help="First train a LoRA adapter on the encoder (early-stopped on validation; minutes)."),
 ) -> None:
     """Train the judge's heads on the training split (regularisation chosen on validation) and report accuracy."""
+    from personaedit.eval.judge_adapter import AdapterConfig
     from personaedit.eval.text_judge import train_text_judge
 
     with _progress() as progress:
         task = progress.add_task("training the judge", total=None)
-        result = train_text_judge(out, seed=seed, on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        result = train_text_judge(out, seed=seed, adapter=AdapterConfig() if adapter else None,
+                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     stdout.print(json.dumps(result, indent=2, sort_keys=True, default=str), markup=False)
 
 

