@@ -77,3 +77,16 @@ def test_generation_stops_at_eos():
     handle.remove()
     unstopped = generate(lm, ["hello"], max_new_tokens=10)
     assert len(ids_before) <= 3 < len(lm.tokenizer(unstopped[0])["input_ids"])
+
+
+def test_a_prompt_past_learned_positions_is_a_clear_error():
+    import pytest
+
+    from personaedit.errors import PersonaEditError
+    from personaedit.models import generate
+    from tiny import tiny_lm
+
+    lm = tiny_lm("gpt2")  # 256 learned positions: indexing past them crashes (a device-side assert on CUDA)
+    with pytest.raises(PersonaEditError, match="exceeds this model's 256 positions"):
+        generate(lm, ["word " * 300], max_new_tokens=4)
+    assert generate(lm, ["hi"], max_new_tokens=2)

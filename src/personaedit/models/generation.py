@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from personaedit.errors import PersonaEditError
 from personaedit.models.loading import LoadedModel
 
 # End-of-turn markers of common chat templates; used as extra stop tokens when the vocabulary has them.
@@ -106,6 +107,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_context(lm: LoadedModel, prompt_tokens: int, new_tokens: int) -> None:
+    """Models with learned absolute positions (GPT-2's `n_positions`) index past their table and crash (a
+    device-side assert on CUDA); refuse with a clear message instead. Rotary models only degrade."""
+    limit = getattr(lm.model.config, "n_positions", None)
+    if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
+        raise PersonaEditError(f"a prompt of {prompt_tokens} tokens plus {new_tokens} new tokens exceeds this model's "
+                               f"{limit} positions; use a shorter context (fewer demonstrations, a shorter system "
+                               "prompt) or fewer new tokens")
+
+
 def generate(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -122,6 +133,7 @@ def generate(
     """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded."""
     rendered = [render_chat(lm.tokenizer, build_messages(lm, p, system)) for p in prompts]
     lengths = [len(ids) for ids in lm.tokenizer([text for text, _ in rendered], add_special_tokens=False)["input_ids"]]
+    _check_context(lm, max(lengths, default=0), max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths pad less
     replies: list[str] = [""] * len(prompts)
     stops = stop_token_ids(lm)
