@@ -274,11 +274,17 @@ def test_saved_folders_and_files_get_the_usual_permissions(tmp_path):
 
     from personaedit.fileio import atomic_dir, write_json_atomic
 
+    import torch
+
+    from personaedit.edits import Delta, WeightEdit
+
     mask = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "edit") as tmp:
             write_json_atomic(tmp / "edit.json", {"a": 1})
+        WeightEdit(method="x", deltas={"a.weight": Delta(dense=torch.ones(2, 2))}).save(tmp_path / "weights")
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "edit").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "edit" / "edit.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "weights" / "tensors.safetensors").stat().st_mode) == 0o644

@@ -22,11 +22,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+            give_usual_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def give_usual_mode(path: str | os.PathLike) -> None:
+    """Some writers (safetensors, mkstemp) create 0600 files; give the mode the umask would."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from personaedit.errors import EditError
-from personaedit.fileio import atomic_dir
+from personaedit.fileio import atomic_dir, give_usual_mode
 from personaedit.models.loading import LoadedModel
 from personaedit.persona import Persona
 
@@ -142,6 +142,7 @@ class Edit(ABC):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
         if tensors:
             save_file(tensors, str(folder / TENSORS_FILE), metadata={"format": FORMAT})
+            give_usual_mode(folder / TENSORS_FILE)
         (folder / EDIT_JSON).write_text(json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
