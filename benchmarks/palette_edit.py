@@ -138,7 +138,7 @@ def run_main(args) -> dict:
         base_eff = efficacy_rates(lm, persona, args.queries)
         start = time.perf_counter()
         with PeakMemory() as memory:
-            edit = fit_edit("palette", lm, persona, queries=args.queries, protect=args.protect,
+            edit = fit_edit("palette", lm, persona, queries=args.queries, protect=args.protect == "on",
                             **({"layer": args.layer} if args.layer is not None else {}))
         seconds = time.perf_counter() - start
         with edit.apply(lm):
@@ -177,7 +177,7 @@ def run_ablation(args) -> dict:
     results = {"persona": args.persona, "score_base": base_score, "cells": {}}
     for layer in (int(x) for x in args.layers.split(",")):
         start = time.perf_counter()
-        full = fit_edit("palette", lm, persona, queries=16, layer=layer)
+        full = fit_edit("palette", lm, persona, queries=16, layer=layer, protect=args.protect == "on")
         seconds = (time.perf_counter() - start) / 16
         (name, delta), = full.deltas.items()
         for count in (4, 8, 12, 16):
@@ -223,7 +223,7 @@ def run_costs(args) -> dict:
     rome_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with PeakMemory() as palette_memory:
-        fit_edit("palette", lm, persona, queries=args.queries)
+        fit_edit("palette", lm, persona, queries=args.queries, protect=args.protect == "on")
     palette_seconds = (time.perf_counter() - start) / args.queries
     with rome.apply(lm):
         rome_hit = efficacy(lm, [first])[0]
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--layers", default="8,16,24")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--queries", type=int, default=12)
-    parser.add_argument("--protect", action="store_true", help="PALETTE's protect option (earlier keys kept)")
+    parser.add_argument("--protect", choices=["on", "off"], default="on", help="PALETTE's protect option")
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)

@@ -11,8 +11,10 @@ A level below 1 in size scales that dimension's updates; a negative level uses t
 
 Plain sequential r-ROME lets later queries overwrite earlier ones: every query's key is the down_proj
 input at "I", so the keys are close to parallel and each rank-one update moves the earlier keys' outputs
-too. `protect` makes each update orthogonal to the earlier queries' keys (ΔW k_j = 0 for j < i), so every
-edit keeps what the earlier ones did to their keys; off by default (the paper's procedure).
+too. `protect` (on by default; `--no-protect` gives the paper's plain procedure) makes each update orthogonal
+to the earlier queries' keys (ΔW k_j = 0 for j < i), so every edit keeps what the earlier ones did to
+their keys. On the default model (tf=T, 12 queries) it raised efficacy from 8/12 to 12/12 with the same
+perplexity rise (+2.8% vs +2.5%); see docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def fit(
     clamp: float = 4.0,
     prefixes: int = 5,
     prefix_length: int = 10,
-    protect: bool = False,
+    protect: bool = True,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
