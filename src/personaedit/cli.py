@@ -174,7 +174,7 @@ def _edit_command(name: str):
         kwargs = dict(options)
         with _progress() as progress:
             if "on_progress" in inspect.signature(chosen.fit).parameters:
-                task = progress.add_task(f"{name}: collecting activations", total=None)
+                task = progress.add_task(f"{name}: fitting", total=None)
                 kwargs["on_progress"] = lambda done, total: progress.update(task, completed=done, total=total)
             edit: Edit = chosen.fit(lm, target, **kwargs)
         edit.save(out)
@@ -196,7 +196,8 @@ def _edit_command(name: str):
     for option, param in method_options.items():
         flag = "--" + option.replace("_", "-")
         params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(hints[option]),
-                                        default=typer.Option(... if param.default is inspect.Parameter.empty else param.default, flag, help=helps.get(option))))
+                                        default=typer.Option(... if param.default is inspect.Parameter.empty else param.default,
+                                                             flag, help=helps.get(option))))
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = chosen.summary
     return command

@@ -25,7 +25,7 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "prompt": {},
     "steer": {"pairs": 128},
     "dpnle": {"pairs": 256},
-    "palette": {},
+    "palette": {"queries": 4},
 }
 
 
