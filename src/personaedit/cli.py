@@ -45,6 +45,18 @@ def _progress() -> Progress:
     )
 
 
+def _staged(progress: Progress):
+    """A callback `(stage, done, total)` that shows one bar per stage."""
+    tasks: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return on_progress
+
+
 def _load(model: str, device: Optional[str] = None, dtype: Optional[str] = None, trust_remote_code: bool = False):
     from personaedit.models import load_model
 
@@ -332,12 +344,7 @@ def vector_train(
     target = Persona.parse(persona)
     lm = _load(model, device)
     with _progress() as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
+        on_progress = _staged(progress)
 
         trained = train_vector(
             lm, target, out, big5_chat=big5_chat, limit=limit, samples_per_question=samples_per_question,
@@ -514,12 +521,7 @@ def evaluate(
     composed = _load_edits(edit)
     lm = _load(model, device)
     with _progress() as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
+        on_progress = _staged(progress)
 
         report = run_suite(lm, composed, suite=suite, force=force, on_progress=on_progress)
     write_json_atomic(out, report)

@@ -163,10 +163,8 @@ def common_fields(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_edit(directory: str | Path) -> "Edit":
-    """Read an edit saved with `Edit.save`."""
-    from personaedit.edits import EDIT_KINDS
-
+def read_edit_metadata(directory: str | Path) -> dict[str, Any]:
+    """The checked `edit.json` of an edit folder (format and version), without loading its tensors."""
     directory = Path(directory)
     meta_path = directory / EDIT_JSON
     if not meta_path.is_file():
@@ -179,6 +177,15 @@ def load_edit(directory: str | Path) -> "Edit":
         raise EditError(f"{meta_path} is not a personaedit edit")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise EditError(f"{directory} was written by a newer personaedit (format {meta['format_version']}); upgrade to read it")
+    return meta
+
+
+def load_edit(directory: str | Path) -> "Edit":
+    """Read an edit saved with `Edit.save`."""
+    from personaedit.edits import EDIT_KINDS
+
+    directory = Path(directory)
+    meta = read_edit_metadata(directory)
     kind = meta.get("kind")
     if kind not in EDIT_KINDS:
         raise EditError(f"{directory}: unknown edit kind {kind!r}")

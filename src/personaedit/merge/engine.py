@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from personaedit.edits.base import EDIT_JSON, FORMAT, TENSORS_FILE, BaseModelInfo
+from personaedit.edits.base import EDIT_JSON, TENSORS_FILE, BaseModelInfo, read_edit_metadata
 from personaedit.errors import EditError, InputFileError, ModelNotFoundError, PersonaEditError
 from personaedit.fileio import atomic_dir
 from personaedit.merge.config import MergeConfig, parse_size
@@ -110,15 +110,9 @@ class VectorFile:
     @classmethod
     def open(cls, path: str | Path) -> "VectorFile":
         path = Path(path)
-        meta_path = path / EDIT_JSON
-        if not meta_path.is_file():
+        if not (path / EDIT_JSON).is_file():
             raise EditError(f"{path} is not a personality vector (no {EDIT_JSON})")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise EditError(f"{meta_path} is not valid JSON: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise EditError(f"{meta_path} is not a personaedit edit")
+        meta = read_edit_metadata(path)
         if meta.get("kind") != "weight":
             raise EditError(f"{path} is a {meta.get('kind')} edit; only weight edits (personality vectors) can be merged")
         try:
