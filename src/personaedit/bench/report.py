@@ -161,8 +161,9 @@ def _plot_tradeoff(summary: dict[str, Any]):
         for (method,), items in _by(summary["cells"], "method").items():
             ax.scatter([c["shift"] for c in items], [c["perplexity_ratio"] for c in items], label=method, s=18)
         ax.axhline(1, color="grey", linewidth=0.8)
+        ax.set_yscale("log")  # ratios span from 1 to hundreds once an edit is pushed too far
         ax.set_xlabel("trait shift towards persona")
-        ax.set_ylabel("perplexity on neutral text (× base)")
+        ax.set_ylabel("perplexity on neutral text (× base, log)")
         ax.set_title("Capability cost against trait shift")
         ax.legend(fontsize=7)
 
