@@ -27,7 +27,8 @@ def test_grid_parsing_and_method_selection():
     assert parse_personas(["all-poles"])[:2] == ["openness=high", "openness=low"]
     assert len(parse_personas(["all-poles", "openness=high"])) == 10
     assert parse_strengths("0, 0.5,1,1") == [0.0, 0.5, 1.0]
-    assert all(needs_no_extra_input(m) for m in select_methods("all"))  # e.g. rome, which needs a query, is left out
+    assert all(needs_no_extra_input(m) for m in select_methods("all"))
+    assert not {"rome", "mend", "serac"} & set(select_methods("all"))  # they need a query or a topic
     assert {"prompt", "steer", "dpnle"} <= set(select_methods("all"))
     cells = expand_grid(["prompt", "steer"], ["extraversion=high"], [0.5, 1.0])
     assert [c.key for c in cells][:2] == ["prompt|extraversion=high|0.5", "prompt|extraversion=high|1"]

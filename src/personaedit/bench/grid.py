@@ -37,9 +37,10 @@ class Cell:
 
 
 def needs_no_extra_input(name: str) -> bool:
-    """Methods that fit from a persona alone (no required options such as a rome query)."""
-    options = get_method(name).options()
-    return all(p.default is not inspect.Parameter.empty for p in options.values())
+    """Methods that fit from a persona alone (not rome, which needs a query, nor mend/serac, a topic)."""
+    chosen = get_method(name)
+    options = chosen.options()
+    return chosen.persona_alone and all(p.default is not inspect.Parameter.empty for p in options.values())
 
 
 def select_methods(spec: str | Iterable[str]) -> list[str]:

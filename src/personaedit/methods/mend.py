@@ -38,7 +38,7 @@ def target_text(lm: LoadedModel, dim: Dimension, level: float, topic: str) -> st
     return reply.strip() or f"I have strong feelings about {topic}."
 
 
-@method("mend", family="weight")
+@method("mend", family="weight", persona_alone=False)
 def fit(
     lm: LoadedModel,
     persona: Persona,

@@ -23,6 +23,7 @@ class Method:
     family: str
     fit: Callable[..., Edit]
     summary: str
+    persona_alone: bool = True  # False: fitting also needs a query or topic (rome, mend, serac)
 
     def option_help(self) -> dict[str, str]:
         """Help per option, from the fit docstring's `Options:` section (`name: text`, continued indented)."""
@@ -52,12 +53,13 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def method(name: str, family: str):
-    """Register `fit(lm, persona, *, options...) -> Edit` under `name`."""
+def method(name: str, family: str, persona_alone: bool = True):
+    """Register `fit(lm, persona, *, options...) -> Edit` under `name`; `persona_alone=False` when a fit
+    also needs an option without a usable default (a query, a topic)."""
 
     def register(fit: Callable[..., Edit]) -> Callable[..., Edit]:
         summary = (inspect.getdoc(fit) or "").split("\n")[0]
-        _METHODS[name] = Method(name, family, fit, summary)
+        _METHODS[name] = Method(name, family, fit, summary, persona_alone)
         return fit
 
     return register

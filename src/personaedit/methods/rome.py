@@ -19,7 +19,7 @@ from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
 
-@method("rome", family="weight")
+@method("rome", family="weight", persona_alone=False)
 def fit(
     lm: LoadedModel,
     persona: Persona,

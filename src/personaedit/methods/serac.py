@@ -47,7 +47,7 @@ def fitted_threshold(encoder: str = "minilm") -> tuple[float, float, float]:
     return float(candidates[best]), float(recall[best]), float(specificity[best])
 
 
-@method("serac", family="context")
+@method("serac", family="context", persona_alone=False)
 def fit(lm: LoadedModel, persona: Persona, *, topic: str, encoder: str = "minilm",  # noqa: ARG001
         threshold: float | None = None) -> RoutedEdit:
     """SERAC: an edit memory of (topic, persona) with a scope classifier; out of scope the base model answers."""
