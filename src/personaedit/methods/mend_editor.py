@@ -29,7 +29,7 @@ from torch import nn
 from personaedit.data import records
 from personaedit.errors import EditError, InputFileError, PersonaEditError
 from personaedit.eval.metrics import prompt_ids
-from personaedit.fileio import atomic_dir
+from personaedit.fileio import atomic_dir, give_usual_mode
 from personaedit.models.hooks import hook_site
 from personaedit.models.loading import LoadedModel, cache_dir
 
@@ -167,6 +167,7 @@ def _write(folder: Path, editor: MendEditor, optimizer: torch.optim.Optimizer | 
                 tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         meta["param_groups"] = state["param_groups"]
     save_file(tensors, str(folder / EDITOR_FILE), metadata={"format": EDITOR_FORMAT})
+    give_usual_mode(folder / EDITOR_FILE)
     (folder / EDITOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
