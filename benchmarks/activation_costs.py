@@ -2,7 +2,8 @@
 
 1. Collecting activations (all middle layers, last token, as steer/dpnle do) vs a plain batched
    forward pass over the same prompts: throughput ratio (target >= 0.8).
-2. Generation with an activation edit applied vs without: tokens/s ratio (target >= 0.95).
+2. Generation with an activation edit (steer, dpnle at their defaults) applied vs without, every reply
+   forced to the same length: tokens/s ratio (target >= 0.95), medians of interleaved repeats.
 Run: python benchmarks/activation_costs.py [--prompts 256] [--repeats 3]
 """
 
@@ -24,7 +25,7 @@ from personaedit.data import records  # noqa: E402
 from personaedit.methods import fit_edit  # noqa: E402
 from personaedit.methods.capture import capture, render_prompts  # noqa: E402
 from personaedit.methods.contrast import contrastive_pairs  # noqa: E402
-from personaedit.models import generate, load_model  # noqa: E402
+from personaedit.models import load_model  # noqa: E402
 from personaedit.models.generation import encode_prompts, position_ids  # noqa: E402
 from personaedit.persona import BIG_FIVE  # noqa: E402
 
@@ -52,24 +53,33 @@ def main() -> None:
     print(row("capture / plain forward throughput", f"{plain / collect:.2f}x", ">= 0.8x", plain / collect >= 0.8))
 
     questions = [r["question"] for r in records("neutral_questions", "train")[:16]]
-    edit = fit_edit("dpnle", lm, "extraversion=high", pairs=64, quantile=0.99, min_d=0.3)
-    def tokens_per_second(edit_or_none) -> float:
-        rates = []
-        for _ in range(args.repeats):
-            context = edit_or_none.apply(lm) if edit_or_none else contextlib.nullcontext()
-            with context:
-                start = time.perf_counter()
-                replies = generate(lm, questions, max_new_tokens=48)
-                seconds = time.perf_counter() - start
-            rates.append(sum(len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies) / seconds)
-        return statistics.median(rates)
+    texts, templated = render_prompts(lm, [(None, q) for q in questions])
+    batch = encode_prompts(lm, texts, add_special_tokens=not templated)
+    new_tokens = 48
 
-    plain_rate, edited_rate = tokens_per_second(None), tokens_per_second(edit)
-    touched = sum(i.touched for i in edit.interventions)
-    print(row("generation without an edit", f"{plain_rate:.1f} tok/s", "-", None))
-    print(row(f"generation with a dpnle edit ({touched} neurons)", f"{edited_rate:.1f} tok/s", "-", None))
-    print(row("edited / unedited tokens per second", f"{edited_rate / plain_rate:.2f}x", ">= 0.95x",
-              edited_rate / plain_rate >= 0.95))
+    def fixed_length_generation() -> None:
+        # every reply exactly `new_tokens` long, so both conditions generate the same number of tokens
+        with torch.no_grad():
+            lm.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              temperature=None, top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+
+    edits = {"steer": fit_edit("steer", lm, "extraversion=high"), "dpnle": fit_edit("dpnle", lm, "extraversion=high")}
+    rates: dict[str, list[float]] = {"none": [], **{name: [] for name in edits}}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every condition alike
+        for name in rates:
+            with edits[name].apply(lm) if name in edits else contextlib.nullcontext():
+                start = time.perf_counter()
+                fixed_length_generation()
+                rates[name].append(len(questions) * new_tokens / (time.perf_counter() - start))
+    plain_rate = statistics.median(rates["none"])
+    print(row(f"generation without an edit ({len(questions)} x {new_tokens} tokens)", f"{plain_rate:.1f} tok/s", "-", None))
+    for name, edit in edits.items():
+        rate = statistics.median(rates[name])
+        touched = sum(i.touched for i in edit.interventions)
+        print(row(f"generation with a {name} edit ({touched} values)", f"{rate:.1f} tok/s", "-", None))
+        print(row(f"{name}-edited / unedited tokens per second", f"{rate / plain_rate:.2f}x", ">= 0.95x",
+                  rate / plain_rate >= 0.95))
+
 
 if __name__ == "__main__":
     main()
