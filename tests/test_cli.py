@@ -6,20 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from personaedit.cli import main, parse_edit_option
+from clirun import run_cli as run
+from personaedit.cli import parse_edit_option
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.models import load_model
 from test_loading import save_tiny
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

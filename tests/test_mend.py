@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,16 +148,12 @@ def test_edit_examples_from_a_personality_edit_file(tmp_path):
 
 
 def test_cli_trains_an_editor_and_edits_with_it(tmp_path, capsys):
-    from personaedit.cli import main
+    from clirun import run_cli
     from test_loading import save_tiny
 
     def run(args):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return code, capsys.readouterr()
+        code, out, err = run_cli(args, capsys)
+        return code, SimpleNamespace(out=out, err=err)
 
     model = str(save_tiny(tmp_path / "tiny-model"))
     code, out = run(["mend", "train", "--model", model, "--out", str(tmp_path / "editor"), "--steps", "2",

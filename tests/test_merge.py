@@ -321,16 +321,7 @@ def test_layer_of_knows_each_layout():
 
 # --- command line ----------------------------------------------------------------------------------
 
-def run_cli(args, capsys):
-    from personaedit.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from clirun import run_cli  # noqa: E402  (beside the command-line tests it serves)
 
 
 def test_cli_merge_with_options_and_config(tmp_path, capsys):
