@@ -138,10 +138,15 @@ def test_eval_rejects_an_unknown_suite(capsys, tmp_path):
     assert code == 2 and "unknown suite" in err
 
 
-def test_every_option_of_the_activation_and_context_methods_has_help():
+def test_every_option_of_every_method_has_help():
     from personaedit.methods import get_method
+    from personaedit.methods.registry import METHOD_MODULES, all_methods
 
-    for name in ("prompt", "ike", "steer", "npti", "dpnle"):
-        chosen = get_method(name)
+    methods = all_methods()
+    assert set(METHOD_MODULES) <= set(methods)
+    for name, chosen in methods.items():
         assert set(chosen.option_help()) == set(chosen.options()), name
+        assert all(text.strip() for text in chosen.option_help().values()), name
     assert "quantile of the layer" in get_method("dpnle").option_help()["quantile"]
+    assert "earlier queries' keys" in get_method("palette").option_help()["protect"]
+    assert "own reply under the persona prompt" in get_method("mend").option_help()["text"]

@@ -54,7 +54,23 @@ def fit(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
-    """Multi-layer batch edit (MEMIT) from the persona's adjustment queries."""
+    """Multi-layer batch edit (MEMIT) from the persona's adjustment queries.
+
+    Options:
+        queries: adjustment queries per targeted pole, 1-16, edited as one batch
+        layers: MLP layers to spread the update over: 12, 12-16, 4,8,12 or auto (the five ending at 15/28 of the depth)
+        mom2_weight: λ, the weight of the second moment of down_proj inputs against the new keys
+        samples: tokens of neutral text the second moment is estimated from (cached per model and layer)
+        subject_token: read the keys at the subject's first or last token (first, last)
+        steps: at most this many Adam steps per target residual (stops early at NLL < 0.05)
+        lr: learning rate of the target optimisation
+        kl_factor: weight of the KL term that keeps "{subject} is a" contexts unchanged
+        weight_decay: weight of the ‖δ‖² penalty on the residual change
+        clamp: ‖δ‖ is clamped to this many times the norm of the original residual
+        prefixes: model-written random prefixes the keys and targets are averaged over
+        prefix_length: tokens of each random prefix
+        seed: seed of the random prefixes
+    """
     if mom2_weight <= 0:
         raise PersonaEditError(f"mom2_weight must be > 0, got {mom2_weight}")
     chosen = parse_layers(layers, lm.arch.num_layers, default_layers(lm.arch.num_layers))

@@ -49,7 +49,15 @@ def fit(
     train: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
-    """MEND: a trained hyper-network maps an edit example's gradient to a low-rank update of the last MLP layers."""
+    """MEND: a trained hyper-network maps an edit example's gradient to a low-rank update of the last MLP layers.
+
+    Options:
+        topic: the topic whose opinions are edited (required), e.g. coffee
+        text: the edit example's answer (default: the project's opinion in the target pole, else the model's
+            own reply under the persona prompt)
+        editor: folder of a trained MEND editor (default: the model's editor in the cache)
+        train: train the editor first when the folder has none (about 16 minutes on the default model)
+    """
     if not topic.strip():
         raise PersonaEditError("mend edits the opinions on one topic: give --topic (e.g. --topic coffee)")
     dims = [(d, level) for d, (_, level) in zip(persona.dimensions(), persona.levels) if level != 0]

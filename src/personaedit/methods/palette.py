@@ -71,7 +71,22 @@ def fit(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
-    """Sequential r-ROME edits from self-referential adjustment queries (PALETTE)."""
+    """Sequential r-ROME edits from self-referential adjustment queries (PALETTE).
+
+    Options:
+        queries: adjustment queries per targeted pole, 1-16 (the paper's ablation: 4, 8, 12, 16)
+        layer: the MLP layer to edit (default: derived from the model's depth)
+        subject_token: read the key at the subject's first or last token (first, last)
+        steps: at most this many Adam steps per query (stops early at NLL < 0.05)
+        lr: learning rate of the value optimisation
+        kl_factor: weight of the KL term that keeps "{subject} is a" contexts unchanged
+        weight_decay: weight of the ‖δ‖² penalty on the value change
+        clamp: ‖δ‖ is clamped to this many times the norm of the original value
+        prefixes: model-written random prefixes each key and value are averaged over
+        prefix_length: tokens of each random prefix
+        protect: make each update leave the earlier queries' keys unchanged (off: the paper's plain sequence)
+        seed: seed of the random prefixes
+    """
     requests = persona_requests(persona, queries)
     chosen = check_layer(lm, layer)
     options = ValueOptions(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp)

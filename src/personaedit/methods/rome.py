@@ -41,7 +41,25 @@ def fit(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
-    """Rank-one edit (r-ROME) making PROMPT about SUBJECT continue with TARGET; the persona is recorded."""
+    """Rank-one edit (r-ROME) making PROMPT about SUBJECT continue with TARGET; the persona is recorded.
+
+    Options:
+        prompt: the prompt, with a {} slot for the subject or containing the subject (required)
+        subject: the subject word whose down_proj input is the key (I, me, my, a name ...)
+        target: the continuation the edited prompt should have (required)
+        layer: the MLP layer to edit (default: derived from the model's depth)
+        subject_token: read the key at the subject's first or last token (first, last)
+        steps: at most this many Adam steps of the value optimisation (stops early at NLL < 0.05)
+        lr: learning rate of the value optimisation
+        kl_factor: weight of the KL term that keeps "{subject} is a" contexts unchanged
+        weight_decay: weight of the ‖δ‖² penalty on the value change
+        clamp: ‖δ‖ is clamped to this many times the norm of the original value
+        prefixes: model-written random prefixes the key and value are averaged over (0: the bare prompt only)
+        prefix_length: tokens of each random prefix
+        covariance: scale the update by the inverse second moment of down_proj inputs (classic ROME)
+        samples: tokens of neutral text the second moment is estimated from (with --covariance)
+        seed: seed of the random prefixes
+    """
     if prompt is None or target is None:
         raise PersonaEditError("rome needs --prompt (with the subject or a {} slot) and --target")
     request = Request.of(prompt, subject, target)

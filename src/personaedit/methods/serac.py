@@ -50,7 +50,13 @@ def fitted_threshold(encoder: str = "minilm") -> tuple[float, float, float]:
 @method("serac", family="context", persona_alone=False)
 def fit(lm: LoadedModel, persona: Persona, *, topic: str, encoder: str = "minilm",  # noqa: ARG001
         threshold: float | None = None) -> RoutedEdit:
-    """SERAC: an edit memory of (topic, persona) with a scope classifier; out of scope the base model answers."""
+    """SERAC: an edit memory of (topic, persona) with a scope classifier; out of scope the base model answers.
+
+    Options:
+        topic: the topics in the edit memory (required), comma-separated for several
+        encoder: the sentence encoder of the scope classifier (minilm)
+        threshold: cosine similarity from which a message is in scope (default: fitted on the training topics)
+    """
     topics = tuple(t.strip() for t in topic.split(",") if t.strip())
     if not topics:
         raise PersonaEditError("serac edits the opinions on given topics: give --topic (comma-separated for several)")
