@@ -216,6 +216,7 @@ def run_costs(args) -> dict:
     persona = Persona.parse(args.persona)
     queries, paraphrases = pole_queries(persona)
     loaded = psutil.Process().memory_info().rss
+    load_before = os.getloadavg()
     first = queries[0]
     start = time.perf_counter()
     with PeakMemory() as rome_memory:
@@ -227,6 +228,20 @@ def run_costs(args) -> dict:
     palette_seconds = (time.perf_counter() - start) / args.queries
     with rome.apply(lm):
         rome_hit = efficacy(lm, [first])[0]
+    result = {"rss_after_load_mb": loaded / 2**20, "rome_seconds": rome_seconds, "rome_hit": rome_hit,
+              "rome_peak_rss_mb": rome_memory.peak / 2**20, "palette_seconds_per_query": palette_seconds,
+              "palette_peak_rss_mb": palette_memory.peak / 2**20, "threads": torch.get_num_threads(),
+              "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0]}
+    if args.memit == "on":
+        result.update(memit_costs(lm, persona, args))
+    for key, value in result.items():
+        print(row(key, f"{value:.3g}" if isinstance(value, float) else str(value), "-", None))
+    return result
+
+
+def memit_costs(lm, persona: Persona, args) -> dict:
+    """MEMIT on the persona's first queries at layers 12-16 (statistics cached first): time and efficacy."""
+    queries, paraphrases = pole_queries(persona)
     memit_layers = "12-16"
     second_moments(lm, range(12, 17), args.samples)
     start = time.perf_counter()
@@ -234,14 +249,8 @@ def run_costs(args) -> dict:
     memit_seconds = time.perf_counter() - start
     with memit.apply(lm):
         hits, para = efficacy(lm, queries), efficacy(lm, paraphrases)
-    result = {"rss_after_load_mb": loaded / 2**20, "rome_seconds": rome_seconds, "rome_hit": rome_hit,
-              "rome_peak_rss_mb": rome_memory.peak / 2**20, "palette_seconds_per_query": palette_seconds,
-              "palette_peak_rss_mb": palette_memory.peak / 2**20, "memit_seconds": memit_seconds,
-              "memit_layers": memit_layers, "memit_edited": rate(hits[:args.queries]),
-              "memit_paraphrase": rate(para[:args.queries]), "memit_held_out": rate(hits[args.queries:])}
-    for key, value in result.items():
-        print(row(key, f"{value:.3g}" if isinstance(value, float) else str(value), "-", None))
-    return result
+    return {"memit_seconds": memit_seconds, "memit_layers": memit_layers, "memit_edited": rate(hits[:args.queries]),
+            "memit_paraphrase": rate(para[:args.queries]), "memit_held_out": rate(hits[args.queries:])}
 
 
 def report(paths: list[Path]) -> None:
@@ -291,6 +300,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=12)
     parser.add_argument("--protect", choices=["on", "off"], default="on", help="PALETTE's protect option")
     parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--memit", choices=["on", "off"], default="on", help="costs: time MEMIT too")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
