@@ -174,7 +174,10 @@ def run_ablation(args) -> dict:
     questions = held_out_questions()
     queries, paraphrases = pole_queries(persona)
     base_score = trait_score(judge, replies(lm, questions, args.max_new_tokens), dim.name)
-    results = {"persona": args.persona, "score_base": base_score, "cells": {}}
+    base_hits, base_para = efficacy(lm, queries), efficacy(lm, paraphrases)
+    results = {"persona": args.persona, "score_base": base_score, "cells": {},
+               "base": {count: {"edited": rate(base_hits[:count]), "paraphrase_all16": rate(base_para),
+                                "held_out_queries": rate(base_hits[count:])} for count in (4, 8, 12, 16)}}
     for layer in (int(x) for x in args.layers.split(",")):
         start = time.perf_counter()
         full = fit_edit("palette", lm, persona, queries=16, layer=layer, protect=args.protect == "on")
@@ -290,6 +293,10 @@ def report(paths: list[Path]) -> None:
                 print(f"| {count} | " + " | ".join(
                     f"{c['edited']:.2f} / {c['paraphrase_all16']:.2f} / {c['held_out_queries']:.2f} / {c['score']:+.2f}"
                     for c in cells) + " |")
+            if "base" in data:
+                print("base model: " + "; ".join(
+                    f"{count} queries {b['edited']:.2f} / {b['paraphrase_all16']:.2f} / {b['held_out_queries']:.2f}"
+                    for count, b in data["base"].items()))
 
 
 def main() -> None:
