@@ -277,10 +277,13 @@ def report(paths: list[Path]) -> None:
                   f"{'✓' if e['moved_toward_target'] else '✗'} |")
         robust = {k: v["robustness"] for k, v in personas.items() if "robustness" in v}
         if robust:
-            print("\n| persona | opposite prompt only | + PALETTE edit | + PROMPT edit |")
-            print("|---|---|---|---|")
+            print("\n| persona | opposite prompt only | + PALETTE edit | + PROMPT edit | nearer the target |")
+            print("|---|---|---|---|---|")
             for spec, r in robust.items():
-                print(f"| {spec} | {r['base']:+.2f} | {r['palette']:+.2f} | {r['prompt']:+.2f} |")
+                sign = 1 if Persona.parse(spec).levels[0][1] > 0 else -1
+                margin = sign * (r["palette"] - r["prompt"])
+                nearer = f"{'PALETTE' if margin > 0 else 'PROMPT'} by {abs(margin):.2f}"
+                print(f"| {spec} | {r['base']:+.2f} | {r['palette']:+.2f} | {r['prompt']:+.2f} | {nearer} |")
     for data in loaded:
         if "cells" in data:
             print(f"\nablation {data['persona']} (judge base {data['score_base']:+.2f}): "
