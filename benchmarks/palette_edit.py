@@ -13,6 +13,7 @@ main      for each persona (default: both poles of the five Big Five traits and 
           - costs: seconds per query edit and peak resident memory while fitting (sampled every 20 ms).
 ablation  one persona, PALETTE at three layers with 16 queries each; the edits with the first 4/8/12/16
           queries are prefixes of that sequence (sequential editing), so each layer is fitted once.
+noise     the standard error of the base model's judge means over the held-out questions (sd / √20).
 stats     MEMIT second-moment statistics: seconds per 1,000 samples (tokens), computed without the cache.
 costs     in a process holding only the model: one r-ROME edit and PALETTE per query (time, peak memory),
           and MEMIT on the same queries (time, efficacy).
@@ -199,6 +200,21 @@ def run_ablation(args) -> dict:
     return results
 
 
+def run_noise(args) -> dict:
+    """How far a judge mean over the held-out questions moves on noise: the standard error (sd / √n) of
+    the base model's per-question scores, per dimension."""
+    lm, judge = load_model("default"), TextJudge.load()
+    scores = judge.score(replies(lm, held_out_questions(), args.max_new_tokens))
+    result = {}
+    for dim in scores[0]:
+        values = [s[dim] for s in scores]
+        result[dim] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values),
+                       "se": statistics.stdev(values) / len(values) ** 0.5}
+        print(row(f"{dim}: mean / sd / standard error ({len(values)} questions)",
+                  f"{result[dim]['mean']:+.2f} / {result[dim]['sd']:.2f} / {result[dim]['se']:.2f}", "-", None))
+    return result
+
+
 def run_stats(args) -> dict:
     lm = load_model("default")
     layers = [int(x) for x in args.layers.split(",")]
@@ -304,7 +320,7 @@ def report(paths: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["main", "ablation", "stats", "costs", "report"])
+    parser.add_argument("part", choices=["main", "ablation", "noise", "stats", "costs", "report"])
     parser.add_argument("files", nargs="*", type=Path, help="report: JSON files the other parts wrote")
     parser.add_argument("--personas", default=",".join(DEFAULT_PERSONAS))
     parser.add_argument("--robust", default="tf=T,tf=F,extraversion=high,extraversion=low")
@@ -322,7 +338,8 @@ def main() -> None:
     if args.part == "report":
         report(args.files)
         return
-    results = {"main": run_main, "ablation": run_ablation, "stats": run_stats, "costs": run_costs}[args.part](args)
+    results = {"main": run_main, "ablation": run_ablation, "noise": run_noise, "stats": run_stats,
+               "costs": run_costs}[args.part](args)
     save(args.json, results)
 
 
