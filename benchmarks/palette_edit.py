@@ -17,6 +17,7 @@ noise     the standard error of the base model's judge means over the held-out q
 stats     MEMIT second-moment statistics: seconds per 1,000 samples (tokens), computed without the cache.
 costs     in a process holding only the model: one r-ROME edit and PALETTE per query (time, peak memory),
           and MEMIT on the same queries (time, efficacy).
+rescore   scores the replies the JSON files keep with the current judge (FILE.rescored.json).
 report    prints the tables of docs/BENCHMARKS.md from the JSON files written with --json.
 
 Run (each part can run in its own process; results are also written as JSON with --json):
@@ -123,6 +124,11 @@ def replies(lm, questions: list[str], max_new_tokens: int, system: str | None = 
     return generate(lm, questions, max_new_tokens=max_new_tokens, system=system)
 
 
+def judge_version(judge: TextJudge) -> str:
+    """The judge's encoder (the results keep the replies, so `rescore` can score them with another judge)."""
+    return str(judge.head.metadata.get("encoder", "sentence-transformers/all-MiniLM-L6-v2"))
+
+
 def run_main(args) -> dict:
     lm, judge = load_model("default"), TextJudge.load()
     questions = held_out_questions()
@@ -130,9 +136,11 @@ def run_main(args) -> dict:
     kl_prompts = [r["question"] for r in records("neutral_questions", "test")]
     base_ppl = perplexity(lm, neutral)
     base_next = next_token_logprobs(lm, kl_prompts)
-    base_scores = judge.score(replies(lm, questions, args.max_new_tokens))
+    base_replies = replies(lm, questions, args.max_new_tokens)
+    base_scores = judge.score(base_replies)
     robust = set(filter(None, args.robust.split(",")))
-    results = {"base_perplexity": base_ppl, "questions": len(questions), "personas": {}}
+    results = {"base_perplexity": base_ppl, "questions": len(questions), "judge": judge_version(judge),
+               "replies_base": base_replies, "personas": {}}
     for spec in filter(None, args.personas.split(",")):
         persona = Persona.parse(spec)
         dim, level = persona.dimensions()[0], persona.levels[0][1]
@@ -146,24 +154,27 @@ def run_main(args) -> dict:
             eff = efficacy_rates(lm, persona, args.queries)
             ppl = perplexity(lm, neutral)
             kl = kl_to_base(base_next, next_token_logprobs(lm, kl_prompts))
-            edited_score = trait_score(judge, replies(lm, questions, args.max_new_tokens), dim.name)
+            edited_replies = replies(lm, questions, args.max_new_tokens)
+        edited_score = trait_score(judge, edited_replies, dim.name)
         base_score = statistics.fmean(s[dim.name] for s in base_scores)
         entry = {"seconds_per_query": seconds / args.queries, "peak_rss_mb": memory.peak / 2**20,
                  "efficacy_base": base_eff, "efficacy": eff, "perplexity": ppl, "perplexity_rise": ppl / base_ppl - 1,
                  "kl_neutral": kl, "score_base": base_score, "score_edited": edited_score,
                  "moved_toward_target": (edited_score - base_score) * (1 if level > 0 else -1) > 0,
-                 "mean_steps": statistics.fmean(f["steps"] for f in edit.options["fitted"].values())}
+                 "mean_steps": statistics.fmean(f["steps"] for f in edit.options["fitted"].values()),
+                 "replies": {"edited": edited_replies}}
         if spec in robust:
             opposite = describe(persona.scaled(-1.0))
             with edit.apply(lm):
-                palette_score = trait_score(judge, replies(lm, questions, args.max_new_tokens, opposite), dim.name)
+                texts = {"palette": replies(lm, questions, args.max_new_tokens, opposite)}
             with fit_edit("prompt", lm, persona).apply(lm):
-                prompt_score = trait_score(judge, replies(lm, questions, args.max_new_tokens, opposite), dim.name)
-            plain_score = trait_score(judge, replies(lm, questions, args.max_new_tokens, opposite), dim.name)
-            entry["robustness"] = {"opposite_system_prompt": opposite, "base": plain_score,
-                                   "palette": palette_score, "prompt": prompt_score}
+                texts["prompt"] = replies(lm, questions, args.max_new_tokens, opposite)
+            texts["base"] = replies(lm, questions, args.max_new_tokens, opposite)
+            entry["robustness"] = {"opposite_system_prompt": opposite,
+                                   **{k: trait_score(judge, v, dim.name) for k, v in texts.items()}}
+            entry["replies"]["opposite_prompt"] = texts
         results["personas"][spec] = entry
-        print(json.dumps({spec: entry}), flush=True)
+        print(json.dumps({spec: {k: v for k, v in entry.items() if k != "replies"}}), flush=True)
         save(args.json, results)
     return results
 
@@ -174,9 +185,11 @@ def run_ablation(args) -> dict:
     dim, level = persona.dimensions()[0], persona.levels[0][1]
     questions = held_out_questions()
     queries, paraphrases = pole_queries(persona)
-    base_score = trait_score(judge, replies(lm, questions, args.max_new_tokens), dim.name)
+    base_replies = replies(lm, questions, args.max_new_tokens)
+    base_score = trait_score(judge, base_replies, dim.name)
     base_hits, base_para = efficacy(lm, queries), efficacy(lm, paraphrases)
-    results = {"persona": args.persona, "score_base": base_score, "cells": {},
+    results = {"persona": args.persona, "score_base": base_score, "judge": judge_version(judge),
+               "replies_base": base_replies, "cells": {},
                "base": {count: {"edited": rate(base_hits[:count]), "paraphrase_all16": rate(base_para),
                                 "held_out_queries": rate(base_hits[count:])} for count in (4, 8, 12, 16)}}
     for layer in (int(x) for x in args.layers.split(",")):
@@ -189,15 +202,43 @@ def run_ablation(args) -> dict:
                               deltas={name: Delta(u=delta.u[:, :count], v=delta.v[:, :count])})
             with part.apply(lm):
                 hits, para = efficacy(lm, queries), efficacy(lm, paraphrases)
-                score = trait_score(judge, replies(lm, questions, args.max_new_tokens), dim.name)
+                texts = replies(lm, questions, args.max_new_tokens)
+            score = trait_score(judge, texts, dim.name)
             cell = {"edited": rate(hits[:count]), "paraphrase_all16": rate(para),
                     "held_out_queries": rate(hits[count:]), "score": score,
                     "shift_toward_target": (score - base_score) * (1 if level > 0 else -1),
                     "seconds_per_query": seconds}
-            results["cells"][f"{layer}/{count}"] = cell
             print(json.dumps({f"layer {layer}, {count} queries": cell}), flush=True)
+            results["cells"][f"{layer}/{count}"] = {**cell, "replies": texts}
             save(args.json, results)
     return results
+
+
+def rescore(args) -> None:
+    """Score the replies kept in JSON files (main, ablation) with the current judge; writes FILE.rescored.json."""
+    judge = TextJudge.load()
+    for path in args.files:
+        data = json.loads(path.read_text())
+        if "replies_base" not in data:
+            raise SystemExit(f"{path} keeps no replies (written before replies were saved)")
+        base = judge.score(data["replies_base"])
+        if "cells" in data:
+            dim = Persona.parse(data["persona"]).dimensions()[0].name
+            sign = 1 if Persona.parse(data["persona"]).levels[0][1] > 0 else -1
+            data["score_base"] = statistics.fmean(s[dim] for s in base)
+            for cell in data["cells"].values():
+                cell["score"] = trait_score(judge, cell["replies"], dim)
+                cell["shift_toward_target"] = (cell["score"] - data["score_base"]) * sign
+        for spec, entry in data.get("personas", {}).items():
+            dim = Persona.parse(spec).dimensions()[0].name
+            sign = 1 if Persona.parse(spec).levels[0][1] > 0 else -1
+            entry["score_base"] = statistics.fmean(s[dim] for s in base)
+            entry["score_edited"] = trait_score(judge, entry["replies"]["edited"], dim)
+            entry["moved_toward_target"] = (entry["score_edited"] - entry["score_base"]) * sign > 0
+            for key, texts in entry["replies"].get("opposite_prompt", {}).items():
+                entry["robustness"][key] = trait_score(judge, texts, dim)
+        data["judge"] = judge_version(judge)
+        save(path.with_suffix(".rescored.json"), data)
 
 
 def run_noise(args) -> dict:
@@ -279,6 +320,7 @@ def memit_costs(lm, persona: Persona, args) -> dict:
 def report(paths: list[Path]) -> None:
     """The tables of the docs from the JSON files the other parts wrote."""
     loaded = [json.loads(p.read_text()) for p in paths]
+    print("judge: " + ", ".join(sorted({d.get("judge", "not recorded") for d in loaded})) + "\n")
     personas = {k: v for data in loaded for k, v in data.get("personas", {}).items()}
     if personas:
         print("| persona | s/query | peak RSS MB | efficacy | paraphrase | held-out queries | held-out paraphrases "
@@ -320,7 +362,7 @@ def report(paths: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["main", "ablation", "noise", "stats", "costs", "report"])
+    parser.add_argument("part", choices=["main", "ablation", "noise", "stats", "costs", "report", "rescore"])
     parser.add_argument("files", nargs="*", type=Path, help="report: JSON files the other parts wrote")
     parser.add_argument("--personas", default=",".join(DEFAULT_PERSONAS))
     parser.add_argument("--robust", default="tf=T,tf=F,extraversion=high,extraversion=low")
@@ -335,8 +377,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.part == "report":
-        report(args.files)
+    if args.part in ("report", "rescore"):
+        (report if args.part == "report" else rescore)(args.files if args.part == "report" else args)
         return
     results = {"main": run_main, "ablation": run_ablation, "noise": run_noise, "stats": run_stats,
                "costs": run_costs}[args.part](args)
