@@ -109,6 +109,19 @@ def test_bench_folder_refuses_another_suite_or_options(lm, tmp_path):
                   judge=FakeJudge())
 
 
+class OtherJudge(FakeJudge):
+    """Another judge (say, a retrained head): results scored by it are not comparable."""
+
+
+def test_bench_folder_refuses_another_judge_and_keeps_every_reply(lm, tmp_path):
+    run_bench(lm, ["prompt"], ["extraversion=high"], [1.0], tmp_path, judge=FakeJudge())
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        cell = next(r for r in store.rows() if r["method"] == "prompt")
+    assert len(cell["replies"]) == 5 + 2 and len(cell["robust_replies"]) == 2  # the short suite above
+    with pytest.raises(PersonaEditError, match="judge"):
+        run_bench(lm, ["prompt"], ["extraversion=high"], [1.0], tmp_path, judge=OtherJudge())
+
+
 def test_a_damaged_store_is_a_clear_error(tmp_path):
     (tmp_path / "results.sqlite").write_text("not a database" * 100)
     with pytest.raises(PersonaEditError, match="not a personaedit results store"):

@@ -4,6 +4,7 @@ robustness under a system prompt that asks for the opposite pole. Plus the cost 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -82,6 +83,7 @@ def measure_condition(lm: LoadedModel, judge: Any, suite: BenchSuite, persona: P
         "mean_ngram_entropy": sum(map(metrics.ngram_entropy, replies)) / len(replies),
         "perplexity": metrics.perplexity(lm, neutral_texts(suite)),
         "samples": [{"question": q, "reply": r} for q, r in list(zip(prompts, replies))[:3]],
+        "replies": replies,  # all of them, in prompt order: another judge can score them again
     }
     next_logprobs = metrics.next_token_logprobs(lm, neutral_prompts(suite))
     result["kl_to_base"] = 0.0 if base_next is None else metrics.kl_to_base([base_next], [next_logprobs])
@@ -91,7 +93,17 @@ def measure_condition(lm: LoadedModel, judge: Any, suite: BenchSuite, persona: P
         asked = situational[: suite.robustness_questions]
         conflicted = generate(lm, asked, system=describe(persona.scaled(-1)), max_new_tokens=suite.max_new_tokens)
         result["robust_towards"] = towards(persona, _mean(judge.score(conflicted)))
+        result["robust_replies"] = conflicted
     return result
+
+
+def judge_identity(judge: Any) -> str:
+    """What a bench folder pins about its judge: the encoder and a digest of the head's weights."""
+    head = getattr(judge, "head", None)
+    if head is None:
+        return type(judge).__name__
+    digest = hashlib.sha256(head.pole_weight.tobytes() + head.trait_weight.tobytes()).hexdigest()[:16]
+    return f"{getattr(judge, 'encoder_key', 'unknown')}:{digest}"
 
 
 def base_measurement(lm: LoadedModel, judge: Any, suite: BenchSuite, stage: Stage = lambda _: None) -> dict[str, Any]:

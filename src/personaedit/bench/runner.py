@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from personaedit.bench.grid import Cell, expand_grid
-from personaedit.bench.measure import (BenchSuite, base_measurement, bench_suite, measure_condition,
-                                       neutral_prompts, peak_memory, robust_base, towards)
+from personaedit.bench.measure import (BenchSuite, base_measurement, bench_suite, judge_identity,
+                                       measure_condition, neutral_prompts, peak_memory, robust_base, towards)
 from personaedit.bench.store import ResultStore
 from personaedit.edits import load_edit
 from personaedit.errors import PersonaEditError
@@ -84,7 +84,7 @@ def run_bench(
     """Run every missing cell of the grid into DIR/results.sqlite; returns the store's path.
 
     `method_options` maps a method to options for its fit (e.g. {"dpnle": {"pairs": 500}}); a folder
-    remembers its model, suite and options, and refuses to resume with others."""
+    remembers its model, suite, options and judge, and refuses to resume with others."""
     from personaedit.eval.text_judge import TextJudge
 
     if backend not in BACKENDS:
@@ -96,7 +96,8 @@ def run_bench(
     judge = judge or TextJudge.load()
     report = on_progress or (lambda done, total, label: None)
     with ResultStore(out / "results.sqlite") as store:
-        store.check_run({"model_fingerprint": lm.fingerprint, "suite": suite, "method_options": method_options})
+        store.check_run({"model_fingerprint": lm.fingerprint, "suite": suite, "method_options": method_options,
+                         "judge": judge_identity(judge)})
         done = store.done()
         references = [base_key()] + [base_key(p) for p in personas]
         total = len(cells) + len(references)

@@ -49,7 +49,7 @@ class ResultStore:
 
     # --- run identity -------------------------------------------------------------------------
     def check_run(self, identity: dict[str, Any]) -> None:
-        """Pin the folder to one (model, suite): resuming with another one would mix incomparable rows."""
+        """Pin the folder to one (model, suite, options, judge): resuming with another one would mix incomparable rows."""
         stored = dict(self._db.execute("SELECT key, value FROM runs"))
         if not stored:
             with self._db:
