@@ -17,6 +17,8 @@ noise     the standard error of the base model's judge means over the held-out q
 stats     MEMIT second-moment statistics: seconds per 1,000 samples (tokens), computed without the cache.
 costs     in a process holding only the model: one r-ROME edit and PALETTE per query (time, peak memory),
           and MEMIT on the same queries (time, efficacy).
+specificity  efficacy on the used queries and perplexity rise on the validation paragraphs under other
+          palette options (--settings), to see what lowers the perplexity cost.
 rescore   scores the replies the JSON files keep with the current judge (FILE.rescored.json).
 report    prints the tables of docs/BENCHMARKS.md from the JSON files written with --json.
 
@@ -256,6 +258,30 @@ def run_noise(args) -> dict:
     return result
 
 
+def run_specificity(args) -> dict:
+    """Efficacy on the used queries and perplexity rise on the VALIDATION paragraphs, per setting
+    (`--settings "kl_factor=0.5;clamp=2"`, `;`-separated, `,` between options; `default` = no change)."""
+    lm = load_model("default")
+    neutral = [r["text"] for r in records("neutral_text", "validation")]
+    base_ppl = perplexity(lm, neutral)
+    results = {"base_perplexity_validation": base_ppl, "rows": []}
+    for spec in filter(None, args.personas.split(",")):
+        persona = Persona.parse(spec)
+        for setting in args.settings.split(";"):
+            options = {} if setting == "default" else {
+                k: float(v) for k, v in (item.split("=") for item in setting.split(","))}
+            edit = fit_edit("palette", lm, persona, queries=args.queries, **options)
+            with edit.apply(lm):
+                eff = efficacy_rates(lm, persona, args.queries)
+                ppl = perplexity(lm, neutral)
+            entry = {"persona": spec, "setting": setting, "efficacy": eff["edited"],
+                     "perplexity_rise": ppl / base_ppl - 1}
+            results["rows"].append(entry)
+            print(json.dumps(entry), flush=True)
+            save(args.json, results)
+    return results
+
+
 def run_stats(args) -> dict:
     lm = load_model("default")
     layers = [int(x) for x in args.layers.split(",")]
@@ -362,7 +388,8 @@ def report(paths: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["main", "ablation", "noise", "stats", "costs", "report", "rescore"])
+    parser.add_argument("part", choices=["main", "ablation", "noise", "stats", "costs", "specificity", "report",
+                                         "rescore"])
     parser.add_argument("files", nargs="*", type=Path, help="report: JSON files the other parts wrote")
     parser.add_argument("--personas", default=",".join(DEFAULT_PERSONAS))
     parser.add_argument("--robust", default="tf=T,tf=F,extraversion=high,extraversion=low")
@@ -374,6 +401,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--memit", choices=["on", "off"], default="on", help="costs: time MEMIT too")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--settings", default="default;kl_factor=0.5;clamp=2", help="specificity: palette options")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -381,7 +409,7 @@ def main() -> None:
         (report if args.part == "report" else rescore)(args.files if args.part == "report" else args)
         return
     results = {"main": run_main, "ablation": run_ablation, "noise": run_noise, "stats": run_stats,
-               "costs": run_costs}[args.part](args)
+               "costs": run_costs, "specificity": run_specificity}[args.part](args)
     save(args.json, results)
 
 
