@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,7 @@ from personaedit.models import generate, load_model
 from personaedit.persona import BIG_FIVE
 
 
+@functools.cache
 def validation_prompts() -> tuple[list[str], list[str]]:
     questions = [r["question"] for t in BIG_FIVE for r in records("situational_questions", "validation", trait=t)]
     questions += [r["question"] for r in records("neutral_questions", "validation")]
