@@ -24,6 +24,7 @@ import torch
 
 from personaedit.edits.base import EDIT_JSON, TENSORS_FILE, BaseModelInfo, read_edit_metadata
 from personaedit.errors import EditError, InputFileError, ModelNotFoundError, PersonaEditError
+from personaedit.faults import fault_point
 from personaedit.fileio import atomic_dir
 from personaedit.merge.config import MergeConfig, parse_size
 from personaedit.merge.methods import combine, get_merge_method, sparsifier
@@ -260,6 +261,7 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optio
                         done += 1
                         if on_progress:
                             on_progress(done, len(keys))
+                        fault_point("merge.tensor")
                     behind.drain()
                     writer.finish()
             total = sum(checkpoint.info(k).nbytes for k in keys)

@@ -16,7 +16,8 @@ from typing import Callable
 from personaedit.data import records
 from personaedit.data.external import load_big5_chat
 from personaedit.errors import InputFileError, PersonaSpecError
-from personaedit.fileio import write_text_atomic
+from personaedit.faults import fault_point
+from personaedit.fileio import append_line_durably, write_text_atomic
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Persona, describe
 
@@ -48,25 +49,71 @@ def distill(
     seed: int = 0,
     batch_size: int = 16,
     on_progress: Callable[[int, int], None] | None = None,
+    partial: Path | None = None,
 ) -> list[Example]:
     """Answers of `lm` under the persona prompt (at `prompt_strength`) to all training questions, or to a
-    seeded random `questions` of them, sampled with seeds; empty replies dropped."""
+    seeded random `questions` of them, sampled with seeds; empty replies dropped.
+
+    Questions are answered in batches of `batch_size`, each sampled with its own seed, so a batch's answers do
+    not depend on the batches before it. With `partial`, each finished batch is appended to that file (flushed
+    to disk) and batches already there, made with the same model and settings, are reused: a killed run
+    resumes where it stopped and ends with the examples an uninterrupted run makes."""
     system = describe(persona.scaled(prompt_strength))
     asked = training_questions()
     if questions is not None and questions < len(asked):
         asked = sorted(random.Random(seed).sample(asked, questions), key=asked.index)
     total = len(asked) * samples_per_question
+    header = {"partial_examples": 1, "model": lm.fingerprint, "system": system, "max_new_tokens": max_new_tokens,
+              "seed": seed, "batch_size": batch_size}
+    finished = _resume_partial(partial, header) if partial is not None else {}
     examples: list[Example] = []
+    done = 0
     for round_ in range(samples_per_question):
-        def progress(done: int, _: int, base: int = round_ * len(asked)) -> None:
+        for start in range(0, len(asked), batch_size):
+            chunk = asked[start:start + batch_size]
+            record = finished.get((round_, start))
+            if record is not None and record.get("questions") == chunk:
+                made = [Example(**e) for e in record["examples"]]
+            else:
+                replies = generate(lm, chunk, system=system, max_new_tokens=max_new_tokens, sample=True,
+                                   seed=seed + 1000 * round_ + start, batch_size=len(chunk))
+                made = [Example(q, r, ended=reply_ended(lm.tokenizer, r, max_new_tokens))
+                        for q, r in zip(chunk, replies) if r.strip()]
+                if partial is not None:
+                    append_line_durably(partial, json.dumps({"round": round_, "start": start, "questions": chunk,
+                                                             "examples": [asdict(e) for e in made]}, ensure_ascii=False))
+                    fault_point("distill.batch")
+            examples += made
+            done += len(chunk)
             if on_progress:
-                on_progress(base + done, total)
-
-        replies = generate(lm, asked, system=system, max_new_tokens=max_new_tokens, sample=True,
-                           seed=seed + 1000 * round_, batch_size=batch_size, on_batch=progress)
-        examples += [Example(q, r, ended=reply_ended(lm.tokenizer, r, max_new_tokens))
-                     for q, r in zip(asked, replies) if r.strip()]
+                on_progress(done, total)
     return examples
+
+
+def _resume_partial(path: Path, header: dict) -> dict[tuple[int, int], dict]:
+    """The whole batches in `path` made with `header`'s settings; the file is rewritten (atomically) to hold
+    just those, so later appends follow a whole line. Another run's file or a broken line is dropped."""
+    records: dict[tuple[int, int], dict] = {}
+    lines: list[str] = []
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+    try:
+        same_run = bool(lines) and json.loads(lines[0]) == header
+    except ValueError:
+        same_run = False
+    for line in lines[1:] if same_run else []:
+        try:
+            record = json.loads(line)
+            key = (int(record["round"]), int(record["start"]))
+            [Example(**e) for e in record["examples"]]
+        except (ValueError, TypeError, KeyError):
+            continue  # a line cut short by a crash
+        records[key] = record
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [header, *records.values()]))
+    return records
 
 
 def reply_ended(tokenizer, reply: str, max_new_tokens: int) -> bool:

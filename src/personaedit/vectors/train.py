@@ -1,7 +1,13 @@
 """Personality vectors: fine-tune a copy of the model on dialogue in one persona, keep φ = θ_ft − θ_base.
 
 Training runs on the HF Trainer (so `accelerate launch` spreads it over GPUs), with LoRA (peft) or full
-fine-tuning, checkpoints in OUT/checkpoints and resume from the last one. The vector is a WeightEdit
+fine-tuning, checkpoints in OUT/checkpoints and resume from the last complete one.
+
+Crash safety (`kill -9` at any moment): distilled examples are appended batch by batch to
+OUT/examples.partial.jsonl and reused by the next run, then written whole to OUT/examples.jsonl; a checkpoint
+counts only once a marker listing its files (written after the Trainer finished it) matches them, and
+incomplete ones are removed before resuming; the vector's edit.json is removed before its tensors are
+replaced and written back last, so a folder with edit.json always holds a whole vector. The vector is a WeightEdit
 (method "vector") saved into OUT: low-rank factors u = scaling·B, v = Aᵀ per LoRA layer (in the
 parameter's own layout), or dense differences after full fine-tuning. The base model is never touched.
 """
@@ -12,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ import torch
 from personaedit.edits import BaseModelInfo, Delta, WeightEdit
 from personaedit.edits.base import EDIT_JSON, TENSORS_FILE
 from personaedit.errors import InputFileError
+from personaedit.faults import fault_point
 from personaedit.fileio import write_json_atomic
 from personaedit.models import LoadedModel
 from personaedit.models.arch import is_transposed_linear
@@ -33,6 +39,9 @@ from personaedit.persona import Persona
 from personaedit.vectors.distill import Example, big5_chat_examples, distill, load_examples, save_examples
 
 EXAMPLES_FILE = "examples.jsonl"
+PARTIAL_EXAMPLES_FILE = "examples.partial.jsonl"
+CHECKPOINT_MARKER = "personaedit-complete.json"
+STAGED_VECTOR = ".staged-vector"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 Progress = Callable[[str, int, int], None]
@@ -117,8 +126,58 @@ def _progress_callback(on_progress: Progress | None):
         def on_step_end(self, args, state, control, **kwargs):
             if on_progress:
                 on_progress("training", state.global_step, state.max_steps)
+            fault_point("train.step")
+
+        def on_save(self, args, state, control, **kwargs):
+            # The Trainer calls this once the checkpoint is written whole (weights, optimiser, trainer state).
+            if state.is_world_process_zero:
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     return ReportSteps()
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKPOINT_MARKER}
+
+
+def mark_checkpoint_complete(folder: Path) -> None:
+    """Record every file of a finished checkpoint with its size; the record's presence marks it complete."""
+    write_json_atomic(folder / CHECKPOINT_MARKER, {"files": _checkpoint_files(folder)})
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """A checkpoint whose marker lists exactly the files it holds, at their sizes. A checkpoint from before
+    the marker counts when its trainer state (written last by the Trainer) reads whole beside its weights and
+    optimiser state."""
+    marker = folder / CHECKPOINT_MARKER
+    try:
+        if marker.is_file():
+            files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+            return bool(files) and _checkpoint_files(folder) == files
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = {p.name for p in folder.iterdir()}
+    weights = any(n.endswith((".safetensors", ".bin")) for n in names)
+    return isinstance(state, dict) and "global_step" in state and weights and "optimizer.pt" in names
+
+
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (None if none); incomplete ones (a run killed while
+    saving) are removed, so neither a resume nor the Trainer's checkpoint rotation trips over them."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for entry in folder.iterdir():
+        name, _, step = entry.name.rpartition("-")
+        if name != "checkpoint" or not step.isdigit() or not entry.is_dir():
+            continue
+        if checkpoint_complete(entry):
+            found.append((int(step), entry))
+        elif remove_incomplete:
+            shutil.rmtree(entry, ignore_errors=True)
+    return str(max(found)[1]) if found else None
 
 
 def _check_run(out: Path, run: dict[str, Any]) -> None:
@@ -137,22 +196,37 @@ def _check_run(out: Path, run: dict[str, Any]) -> None:
 
 
 def save_into(edit: WeightEdit, out: Path) -> None:
-    """Write the edit's files into `out` beside the run's data: tensors first, edit.json last (its presence
-    marks a complete vector); each file replaces the old one atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=".vector.", dir=out))
+    """Write the edit's files into `out` beside the run's data: the old edit.json goes first, then the tensors
+    replace the old ones, then edit.json is renamed in (its presence marks a complete vector). The files are
+    made in `out`/.staged-vector, which a run killed meanwhile leaves for the next save to remove."""
+    staged = out / STAGED_VECTOR
+    shutil.rmtree(staged, ignore_errors=True)
     try:
-        edit.save(tmp / "edit")
+        edit.save(staged)
+        (out / EDIT_JSON).unlink(missing_ok=True)
         for name in (TENSORS_FILE, EDIT_JSON):
-            if (tmp / "edit" / name).exists():
-                os.replace(tmp / "edit" / name, out / name)
+            if (staged / name).exists():
+                os.replace(staged / name, out / name)
+            elif name == TENSORS_FILE:
+                (out / name).unlink(missing_ok=True)  # an edit without tensors: no stale ones beside it
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed earlier run left in `out`: a staged vector (and the temporary folders older versions used)."""
+    shutil.rmtree(out / STAGED_VECTOR, ignore_errors=True)
+    for entry in out.glob(".vector.*"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _examples(lm: LoadedModel, persona: Persona, cache: Path, big5_chat: str | Path | None, limit: int | None,
               samples_per_question: int, max_new_tokens: int, prompt_strength: float, seed: int,
               on_progress: Progress | None) -> list[Example]:
-    """The cached examples, else Big5-Chat rows or distilled answers (then cached)."""
+    """The cached examples, else Big5-Chat rows or distilled answers (then cached). Distillation appends each
+    batch to examples.partial.jsonl beside the cache and resumes from it; the cache is written whole at the end."""
+    partial = cache.with_name(PARTIAL_EXAMPLES_FILE)
     if cache.is_file():
         examples = load_examples(cache)
     elif big5_chat:
@@ -160,11 +234,13 @@ def _examples(lm: LoadedModel, persona: Persona, cache: Path, big5_chat: str | P
     else:
         report = (lambda done, total: on_progress("distilling", done, total)) if on_progress else None
         examples = distill(lm, persona, questions=limit, samples_per_question=samples_per_question,
-                           max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, seed=seed, on_progress=report)
+                           max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, seed=seed, on_progress=report,
+                           partial=partial)
     if not examples:
         raise InputFileError(f"no training examples for {persona.spec()}")
     if not cache.is_file():
         save_examples(cache, examples)
+    partial.unlink(missing_ok=True)
     return examples
 
 
@@ -211,7 +287,12 @@ def train_vector(
     questions drawn with `seed` (None or 0: all 128), `samples_per_question` each, `max_new_tokens` long.
     `on_progress(stage, done, total)` is called for the stages "distilling" and "training" (optimiser steps)."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
+
+    class CheckpointingTrainer(Trainer):
+        def save_model(self, output_dir=None, _internal_call=False):
+            super().save_model(output_dir, _internal_call)
+            if _internal_call:  # inside a checkpoint save: weights written, optimiser and trainer state not yet
+                fault_point("train.checkpoint")
 
     persona = Persona.parse(persona)
     out = Path(out)
@@ -230,6 +311,7 @@ def train_vector(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any((out / f).exists() for f in ours))):
         raise InputFileError(f"refusing to train into {out}: it exists and is not a personality vector folder")
     out.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
     _check_run(out, {"persona": persona.spec(), "model": lm.fingerprint, **options})
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
@@ -251,11 +333,11 @@ def train_vector(
         torch.manual_seed(seed)  # LoRA's initialisation
         model = _trainable_copy(lm, None if full else dict(r=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules))
         model.train()
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=pad_right(ensure_pad_token(lm.tokenizer)),
+        trainer = CheckpointingTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_right(ensure_pad_token(lm.tokenizer)),
                           callbacks=[_progress_callback(on_progress)])
         for printer in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(printer)  # library code never prints; the CLI shows a bar
-        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        last = last_complete_checkpoint(Path(args.output_dir), remove_incomplete=trainer.is_world_process_zero())
         resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
         start = time.perf_counter()
         with quiet_progress():
