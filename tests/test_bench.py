@@ -149,3 +149,74 @@ def test_ray_backend_runs_a_small_grid_on_a_local_ray_instance(tmp_path):
         rows = {r["method"]: r for r in store.rows()}
     assert {"prompt", "steer"} <= set(rows) and rows["steer"]["fit"]["seconds"] >= 0
     assert (tmp_path / "bench" / "edits").is_dir()
+
+
+def test_a_folder_takes_added_or_dropped_methods_personas_and_strengths(lm, tmp_path):
+    from personaedit.bench import check_resumable
+
+    run_bench(lm, ["prompt"], ["extraversion=high"], [1.0], tmp_path, judge=FakeJudge())
+    # another method (with options), another persona, another strength: cells are independent
+    check_resumable(tmp_path, ["prompt", "steer"], method_options={"steer": OPTIONS["steer"]}, judge=FakeJudge())
+    run_bench(lm, ["prompt", "steer"], ["extraversion=high", "agreeableness=low"], [1.0, 2.0], tmp_path,
+              method_options={"steer": OPTIONS["steer"]}, judge=FakeJudge())
+    # prompt dropped: fine; steer's options are now pinned
+    run_bench(lm, ["steer"], ["extraversion=high"], [0.5], tmp_path, method_options={"steer": OPTIONS["steer"]}, judge=FakeJudge())
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        assert store.methods() == {"base", "prompt", "steer"}
+        assert "steer|extraversion=high|0.5" in store.done() and "prompt|agreeableness=low|2" in store.done()
+    for methods, options in ((["steer"], {}), (["prompt", "steer"], {"steer": {"layer": "2", "pairs": 8}}),
+                             (["prompt"], {"prompt": {"adjectives": 2}})):
+        with pytest.raises(PersonaEditError, match=f"method {methods[-1]} with options.*another --out"):
+            check_resumable(tmp_path, methods, method_options=options, judge=FakeJudge())
+        with pytest.raises(PersonaEditError, match="another --out"):
+            run_bench(lm, methods, ["extraversion=high"], [1.0], tmp_path, method_options=options, judge=FakeJudge())
+
+
+def test_check_resumable_refuses_before_any_model_and_writes_nothing(lm, tmp_path):
+    from personaedit.bench import check_resumable
+
+    check_resumable(tmp_path / "new", ["prompt"], judge=FakeJudge())  # nothing there: fine, and nothing made
+    assert not (tmp_path / "new").exists()
+    run_bench(lm, ["prompt"], ["extraversion=high"], [1.0], tmp_path, judge=FakeJudge())
+    before = (tmp_path / "results.sqlite").read_bytes()
+    check_resumable(tmp_path, ["prompt"], judge=FakeJudge(), model_fingerprint=lm.fingerprint)
+    with pytest.raises(PersonaEditError, match="suite"):
+        check_resumable(tmp_path, ["prompt"], suite="full", judge=FakeJudge())
+    with pytest.raises(PersonaEditError, match="judge"):
+        check_resumable(tmp_path, ["prompt"], judge=OtherJudge())
+    with pytest.raises(PersonaEditError, match="model_fingerprint"):
+        check_resumable(tmp_path, ["prompt"], judge=FakeJudge(), model_fingerprint="0" * 16)
+    with pytest.raises(PersonaEditError, match="unknown suite"):
+        check_resumable(tmp_path, ["prompt"], suite="huge", judge=FakeJudge())
+    assert (tmp_path / "results.sqlite").read_bytes() == before
+
+
+def test_a_folder_from_before_per_method_pins_resumes(lm, tmp_path):
+    """Old folders pinned `method_options` as {} (defaults) or the options of every method of their run."""
+    import json
+    import sqlite3
+
+    from personaedit.bench import check_resumable
+
+    run_bench(lm, ["prompt"], ["extraversion=high"], [1.0], tmp_path, judge=FakeJudge())
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        db.execute("UPDATE runs SET value = ? WHERE key = 'method_options'", (json.dumps({}),))
+    check_resumable(tmp_path, ["prompt", "steer"], method_options={"steer": OPTIONS["steer"]}, judge=FakeJudge())
+    with pytest.raises(PersonaEditError, match="method prompt"):
+        check_resumable(tmp_path, ["prompt"], method_options={"prompt": {"adjectives": 2}}, judge=FakeJudge())
+
+
+def test_the_cli_refuses_a_folder_it_cannot_resume_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import personaedit.cli as cli
+    from clirun import run_cli
+
+    folder = tmp_path / "b"
+    with ResultStore(folder / "results.sqlite") as store:  # a folder pinned to the full suite
+        store.check_run({"suite": "full"}, {})
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    code, out, err = run_cli(["bench", "--methods", "prompt", "--personas", "extraversion=high", "--out", str(folder)], capsys)
+    assert code == 2 and "suite 'full'" in err and "another --out" in err

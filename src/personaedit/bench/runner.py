@@ -11,9 +11,10 @@ from typing import Any, Callable, Iterator, Sequence
 from personaedit.bench.grid import Cell, expand_grid
 from personaedit.bench.measure import (BenchSuite, base_measurement, bench_suite, judge_identity,
                                        measure_condition, neutral_prompts, peak_memory, robust_base, towards)
-from personaedit.bench.store import ResultStore
+from personaedit.bench.store import ResultStore, pin_conflict
 from personaedit.edits import load_edit
 from personaedit.errors import PersonaEditError
+from personaedit.faults import fault_point
 from personaedit.eval.metrics import next_token_logprobs
 from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel
@@ -68,6 +69,38 @@ def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
     return list(by_fit.values())
 
 
+RESULTS = "results.sqlite"
+
+
+def _pinned_options(methods: Sequence[str], method_options: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Every method of the run with its fit options ({} = the method's defaults)."""
+    return {m: dict((method_options or {}).get(m, {})) for m in methods}
+
+
+def check_resumable(out: str | Path, methods: Sequence[str], *, suite: str = "quick",
+                    method_options: dict[str, dict[str, Any]] | None = None, judge: Any = None,
+                    model_fingerprint: str | None = None) -> None:
+    """Refuse, before any model is loaded, a bench folder this run cannot add to: one made with another suite,
+    judge (default: the shipped text judge, whose head is read but no encoder loaded), model (when
+    `model_fingerprint` is given; `run_bench` checks it once the model is loaded) or other options for a method
+    both runs have. Methods, personas and strengths may change. Reads only; a folder without results passes."""
+    bench_suite(suite)  # an unknown suite is a one-line error too
+    store = ResultStore.read_only(Path(out) / RESULTS)
+    if store is None:
+        return
+    if judge is None:
+        from personaedit.eval.text_judge import TextJudge
+
+        judge = TextJudge.load()
+    identity: dict[str, Any] = {"suite": suite, "judge": judge_identity(judge)}
+    if model_fingerprint is not None:
+        identity["model_fingerprint"] = model_fingerprint
+    with store:
+        problem = pin_conflict(store.pins(), store.methods(), identity, _pinned_options(methods, method_options))
+    if problem:
+        raise PersonaEditError(f"{out} {problem}; use another --out folder")
+
+
 def run_bench(
     lm: LoadedModel,
     methods: list[str],
@@ -84,20 +117,21 @@ def run_bench(
     """Run every missing cell of the grid into DIR/results.sqlite; returns the store's path.
 
     `method_options` maps a method to options for its fit (e.g. {"dpnle": {"pairs": 500}}); a folder
-    remembers its model, suite, options and judge, and refuses to resume with others."""
+    remembers its model, suite and judge and each method's options, and refuses to resume with others
+    (`check_resumable` says so before the model is loaded); methods, personas and strengths may change."""
     from personaedit.eval.text_judge import TextJudge
 
     if backend not in BACKENDS:
         raise PersonaEditError(f"unknown backend {backend!r} (valid: {', '.join(BACKENDS)})")
     config = bench_suite(suite)
-    method_options = {m: dict(method_options.get(m, {})) for m in methods} if method_options else {}
+    method_options = _pinned_options(methods, method_options)
     out = Path(out)
     cells = expand_grid(methods, personas, strengths)
     judge = judge or TextJudge.load()
     report = on_progress or (lambda done, total, label: None)
-    with ResultStore(out / "results.sqlite") as store:
-        store.check_run({"model_fingerprint": lm.fingerprint, "suite": suite, "method_options": method_options,
-                         "judge": judge_identity(judge)})
+    with ResultStore(out / RESULTS) as store:
+        store.check_run({"model_fingerprint": lm.fingerprint, "suite": suite, "judge": judge_identity(judge)},
+                        method_options)
         done = store.done()
         references = [base_key()] + [base_key(p) for p in personas]
         total = len(cells) + len(references)
@@ -132,4 +166,5 @@ def run_bench(
                                   on_stage=lambda label: report(count[0], total, label)))
         for cell, result in measured:
             finished(cell.key, cell.method, cell.persona, cell.strength, result)
-    return out / "results.sqlite"
+            fault_point("bench.cell")
+    return out / RESULTS
