@@ -634,6 +634,11 @@ def demo(
     err.print(f"html -> {html_path}")
 
 
+from personaedit.cli_serve import serve  # noqa: E402 - its own module: FastAPI and uvicorn are an optional extra
+
+app.command()(serve)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app and turn user errors into one line and exit status 2."""
     try:
