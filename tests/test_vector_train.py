@@ -1,5 +1,6 @@
 """Personality vector training on tiny models: LoRA and full fine-tuning, extraction, save/load, resume."""
 
+import importlib
 import json
 
 import pytest
@@ -162,3 +163,111 @@ def test_cli_trains_a_vector_usable_as_a_weight_edit(tmp_path, capsys):
     code, _, err = run(["vector", "train", "--model", model_dir, "--persona", "extraversion=high", "--out", str(out),
                         "--lora-rank", "4", "--epochs", "1", "--batch-size", "2"], capsys)
     assert code == 2 and "other settings" in err
+
+
+def test_incomplete_checkpoints_are_skipped_and_removed(tmp_path):
+    """A kill while the Trainer saves leaves a partial or empty checkpoint-N; the rerun resumes from the last whole one."""
+    import shutil
+
+    lm = tiny_lm("llama")
+    reference = train_vector(lm, "extraversion=high", folder_with_examples(tmp_path / "whole"), lora_rank=4, **SETTINGS)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(stage, done, total):
+        if stage == "training" and done == 5:
+            raise Stop
+
+    out = folder_with_examples(tmp_path / "killed")
+    with pytest.raises(Stop):
+        train_vector(lm, "extraversion=high", out, lora_rank=4, on_progress=stop_at_five, **SETTINGS)
+    checkpoints = out / "checkpoints"
+    assert train_module.checkpoint_complete(checkpoints / "checkpoint-4")
+    (checkpoints / "checkpoint-6").mkdir()  # killed as the folder was made
+    shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-5")  # killed after the weights
+    for name in ("optimizer.pt", "trainer_state.json", train_module.CHECKPOINT_MARKER):
+        (checkpoints / "checkpoint-5" / name).unlink()
+    shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-7")  # a file cut short after the marker
+    weights = next((checkpoints / "checkpoint-7").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert not any(train_module.checkpoint_complete(checkpoints / f"checkpoint-{n}") for n in (5, 6, 7))
+    (out / ".staged-vector").mkdir()  # a vector being saved when the run was killed
+    resumed = train_vector(lm, "extraversion=high", out, lora_rank=4, **SETTINGS)
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    assert not any((checkpoints / f"checkpoint-{n}").exists() for n in (5, 7)) and not (out / ".staged-vector").exists()
+    for name, delta in reference.edit.deltas.items():
+        assert torch.allclose(resumed.edit.deltas[name].materialise(torch.device("cpu")),
+                              delta.materialise(torch.device("cpu")), atol=1e-5)
+    # a checkpoint from before the completion marker counts when its trainer state reads whole
+    last = checkpoints / "checkpoint-6"
+    (last / train_module.CHECKPOINT_MARKER).unlink()
+    assert train_module.checkpoint_complete(last)
+    (last / "trainer_state.json").write_text('{"global_st')
+    assert not train_module.checkpoint_complete(last)
+
+
+def test_distillation_resumes_from_the_batches_already_made(tmp_path, monkeypatch):
+    from personaedit.persona import Persona
+    distill_module = importlib.import_module("personaedit.vectors.distill")
+
+    lm = tiny_lm("qwen2")
+    persona = Persona.parse("extraversion=high")
+    settings = dict(questions=6, max_new_tokens=4, batch_size=2, seed=3)
+    whole = distill_module.distill(lm, persona, **settings)
+    partial = tmp_path / "examples.partial.jsonl"
+    real_generate = distill_module.generate
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def generate_then_die(*args, **kwargs):
+        if len(calls) == 2:
+            raise Killed
+        calls.append(args[1])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "generate", generate_then_die)
+    with pytest.raises(Killed):
+        distill_module.distill(lm, persona, partial=partial, **settings)
+    assert len(partial.read_text().splitlines()) == 1 + 2  # settings, then the two finished batches
+    with partial.open("a") as handle:
+        handle.write('{"round": 0, "start": 4, "questi')  # a line cut short
+    calls.clear()
+    monkeypatch.setattr(distill_module, "generate", lambda *a, **k: calls.append(a[1]) or real_generate(*a, **k))
+    progress = []
+    resumed = distill_module.distill(lm, persona, partial=partial, on_progress=lambda d, t: progress.append(d), **settings)
+    assert resumed == whole and len(calls) == 1 and progress == [2, 4, 6]
+    # another run's file (other settings) is not reused
+    calls.clear()
+    distill_module.distill(lm, persona, partial=partial, **{**settings, "max_new_tokens": 5})
+    assert len(calls) == 3
+
+
+def test_training_keeps_distilled_batches_until_the_examples_are_written(tmp_path, monkeypatch):
+    lm = tiny_lm("qwen2")
+    out = tmp_path / "v"
+
+    class Killed(Exception):
+        pass
+
+    real_save = train_module.save_examples
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(train_module, "save_examples", die)
+    with pytest.raises(Killed):
+        train_vector(lm, "extraversion=high", out, limit=3, max_new_tokens=4, lora_rank=2, epochs=1, batch_size=4)
+    assert (out / "examples.partial.jsonl").is_file() and not (out / "examples.jsonl").exists()
+    monkeypatch.setattr(train_module, "save_examples", real_save)
+    distill_module = importlib.import_module("personaedit.vectors.distill")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(distill_module, "generate", no_generation)  # every batch is in the partial file
+    train_vector(lm, "extraversion=high", out, limit=3, max_new_tokens=4, lora_rank=2, epochs=1, batch_size=4)
+    assert (out / "examples.jsonl").is_file() and not (out / "examples.partial.jsonl").exists()
+    assert (out / "edit.json").is_file()
