@@ -26,6 +26,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -145,7 +146,8 @@ def generate_rows(lm: LoadedModel, requests: Sequence[RowRequest]) -> list[Outco
             positions = positions[:, -1:] + 1
             output = lm.model(input_ids=torch.tensor(step, device=device).unsqueeze(1), attention_mask=mask,
                               position_ids=positions, use_cache=True, **{cache_arg: cache})
-    outcomes = [Outcome(row.text, row.finish or "stop", len(row.request.prompt_ids), len(row.tokens)) for row in rows]
+    outcomes = [Outcome(row.text, row.finish or "stop", len(row.request.prompt_ids), len(row.tokens), token_ids=row.tokens)
+                for row in rows]
     for row, outcome in zip(rows, outcomes):
         if row.request.on_done is not None:
             row.request.on_done(outcome)
