@@ -75,9 +75,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-def _pick(logits: torch.Tensor, row: _Row) -> int:
-    if row.request.greedy:
-        return int(logits.argmax())
+def _sample(logits: torch.Tensor, row: _Row) -> int:
     probs = torch.softmax(logits / float(row.request.temperature), dim=-1)
     if row.request.top_p < 1.0:
         ordered, order = probs.sort(descending=True)
@@ -133,9 +131,10 @@ def generate_rows(lm: LoadedModel, requests: Sequence[RowRequest]) -> list[Outco
         output = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         while True:
             logits = output.logits[:, -1, :].float()
+            greedy = logits.argmax(-1).tolist()
             step = []
             for index, row in enumerate(rows):
-                token = pad if row.finish else _pick(logits[index], row)
+                token = pad if row.finish else greedy[index] if row.request.greedy else _sample(logits[index], row)
                 if not row.finish:
                     decoder.advance(row, token)
                 step.append(token)
