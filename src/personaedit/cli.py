@@ -284,6 +284,10 @@ vector_app = typer.Typer(help="Personality vectors: weight-space deltas of a fin
                          no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(vector_app, name="vector")
 
+from personaedit.cli_export import register as _register_export_commands  # noqa: E402 - `export`, `vector from-finetune`
+
+_register_export_commands(app, vector_app)
+
 
 @vector_app.command("info")
 def vector_info(
@@ -366,9 +370,11 @@ def merge_command(
     method: Optional[str] = typer.Option(None, "--method", help="task_arithmetic (default) | ties | dare_linear | dare_ties"),
     density: Optional[float] = typer.Option(None, "--density", help="ties: share of entries kept per vector, in (0, 1] (default 1)."),
     drop: Optional[float] = typer.Option(None, "--drop", help="dare_*: drop probability, in [0, 1) (default 0.5)."),
-    normalize: Optional[bool] = typer.Option(
-        None, "--normalize/--no-normalize",
-        help="ties, dare_ties: average agreeing entries over the vectors that agree (default) or sum them."),
+    normalize: Optional[str] = typer.Option(
+        None, "--normalize",
+        help="ties, dare_ties: count (default: mean over the vectors that agree) | weight-sum (over their weight sum, "
+             "as mergekit; flips negation) | none (sum)."),
+    no_normalize: bool = typer.Option(False, "--no-normalize", help="Same as --normalize none."),
     seed: Optional[int] = typer.Option(None, "--seed", help="dare_*: seed of the drops (default 0)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="e.g. 2GB (default), 500MB."),
     config: Optional[Path] = typer.Option(None, "--config", help="A YAML merge config; options given here override it."),
@@ -377,7 +383,9 @@ def merge_command(
     """Merge personality vectors into a base model, streaming tensors shard by shard."""
     from personaedit.merge import config_from_options, load_config, merge, parse_vector_option
 
-    options = dict(base=base, method=method, density=density, drop=drop, normalize=normalize, seed=seed,
+    if no_normalize and normalize not in (None, "none"):
+        raise PersonaEditError(f"--no-normalize contradicts --normalize {normalize}")
+    options = dict(base=base, method=method, density=density, drop=drop, normalize="none" if no_normalize else normalize, seed=seed,
                    max_shard_size=max_shard_size, vectors=[parse_vector_option(v) for v in vector] or None)
     if config is None and not vector:
         raise PersonaEditError("give at least one --vector DIR=ALPHA, or --config merge.yaml")

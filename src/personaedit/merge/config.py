@@ -4,7 +4,8 @@
 base: default                 # MODEL: default | HF folder | .gguf | cached hub id
 method: ties                  # task_arithmetic | ties | dare_linear | dare_ties
 density: 0.3                  # ties only: share of entries kept per vector
-normalize: true               # ties, dare_ties: mean over agreeing vectors (true) or their sum (false)
+normalize: true               # ties, dare_ties: mean over agreeing vectors (true, count), their sum (false, none),
+                              # or weight-sum: divided by the agreeing vectors' weight sum (mergekit's; flips negation)
 drop: 0.5                     # dare_*: drop probability
 seed: 0                       # dare_*
 max_shard_size: 2GB
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from personaedit.errors import InputFileError, PersonaEditError
-from personaedit.merge.methods import MergeOptions, get_merge_method
+from personaedit.merge.methods import MergeOptions, get_merge_method, normalize_mode
 
 DEFAULT_SHARD_SIZE = "2GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -66,7 +67,7 @@ class MergeConfig(BaseModel):
     vectors: list[VectorRef] = Field(min_length=1)
     density: Optional[float] = Field(None, gt=0, le=1)
     drop: Optional[float] = Field(None, ge=0, lt=1)
-    normalize: Optional[bool] = None
+    normalize: Optional[Union[bool, str]] = None
     seed: Optional[int] = None
     max_shard_size: str | int = DEFAULT_SHARD_SIZE
     out: Optional[Path] = None
@@ -76,6 +77,16 @@ class MergeConfig(BaseModel):
     def _known_method(cls, name: str) -> str:
         get_merge_method(name)
         return name
+
+    @field_validator("normalize")
+    @classmethod
+    def _normalize(cls, value: Optional[Union[bool, str]]) -> Optional[Union[bool, str]]:
+        if value is None:
+            return None
+        try:
+            return normalize_mode(value)
+        except PersonaEditError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("max_shard_size")
     @classmethod

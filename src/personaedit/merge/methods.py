@@ -8,8 +8,11 @@ A method is a sparsification of each δ_i followed by a way to combine them:
 - dare_linear / dare_ties: drop each entry of each δ_i with probability `drop`, rescale survivors by
   1/(1 − drop), then Σ w_i δ_i / the TIES sign election and disjoint merge (no magnitude trim).
 
-Weights are applied before sign election and normalisation divides by a *count*, never by a sum of
-weights, so a single vector at weight −1 gives −δ and at 0.5 gives δ/2 whatever the options.
+Weights are applied before sign election and normalisation divides by a *count* by default, never by a
+sum of weights, so a single vector at weight −1 gives −δ and at 0.5 gives δ/2 whatever the options.
+`normalize="weight-sum"` divides by the sum of the agreeing vectors' weights instead, as mergekit does
+(`normalize: true` there): for ported mergekit configs. It flips negation (one vector at weight −1 gives
++δ) and undoes scaling (at 0.5 it gives δ); docs/EXPORT.md has the comparison.
 Sparsifiers work on consecutive row blocks of a tensor (the engine streams large tensors in blocks);
 the result does not depend on the block size.
 """
@@ -31,8 +34,28 @@ class MergeOptions:
 
     density: float = 1.0
     drop: float = 0.5
-    normalize: bool = True
+    normalize: bool | str = True  # True / "count": mean over agreeing vectors; False / "none": sum; "weight-sum"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "normalize", normalize_mode(self.normalize))
+
+
+NORMALIZE_MODES = ("count", "weight-sum", "none")
+
+
+def normalize_mode(value: bool | str) -> bool | str:
+    """True (count), False (none) or "weight-sum" from a bool or a mode name."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower().replace("_", "-")
+    if text in ("count", "true"):
+        return True
+    if text in ("none", "false"):
+        return False
+    if text == "weight-sum":
+        return "weight-sum"
+    raise PersonaEditError(f"unknown normalize {value!r} (valid: {', '.join(NORMALIZE_MODES)})")
 
 
 @dataclass(frozen=True)
@@ -126,19 +149,27 @@ def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return total
 
 
-def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """TIES sign election on the weighted values, then their sum (or mean over agreeing vectors)."""
+def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool | str) -> torch.Tensor:
+    """TIES sign election on the weighted values, then their sum, their mean over the agreeing vectors
+    (normalize True), or their sum over the agreeing vectors' weight sum (normalize "weight-sum", mergekit's)."""
+    mode = normalize_mode(normalize)
     weighted = [w * d for w, d in zip(weights, deltas)]
     elected = torch.sign(sum(weighted[1:], weighted[0].clone()))
     merged = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
-    for value in weighted:
+    divisor = torch.zeros_like(elected)
+    for weight, value in zip(weights, weighted):
         # Where the elected sign is 0 only zero entries "agree", and they add nothing.
         agree = torch.sign(value) == elected
         merged += value.mul_(agree)
-        if normalize:
-            count += agree
-    return merged / count.clamp_(min=1) if normalize else merged
+        if mode is True:
+            divisor += agree
+        elif mode == "weight-sum":
+            divisor += weight * agree
+    if mode is False:
+        return merged
+    if mode == "weight-sum":
+        return merged / divisor.masked_fill_(divisor == 0, 1.0)  # as mergekit: a zero weight sum divides by 1
+    return merged / divisor.clamp_(min=1)
 
 
 def combine(method: MergeMethod, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions) -> torch.Tensor:
