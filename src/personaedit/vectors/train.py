@@ -30,7 +30,7 @@ from personaedit.edits import BaseModelInfo, Delta, WeightEdit
 from personaedit.edits.base import EDIT_JSON, TENSORS_FILE
 from personaedit.errors import InputFileError
 from personaedit.faults import fault_point
-from personaedit.fileio import write_json_atomic
+from personaedit.fileio import remove_stale_temporaries, write_json_atomic
 from personaedit.models import LoadedModel
 from personaedit.models.arch import is_transposed_linear
 from personaedit.models.generation import ensure_pad_token, render_chat
@@ -216,6 +216,7 @@ def save_into(edit: WeightEdit, out: Path) -> None:
 def _remove_leftovers(out: Path) -> None:
     """What a killed earlier run left in `out`: a staged vector (and the temporary folders older versions used)."""
     shutil.rmtree(out / STAGED_VECTOR, ignore_errors=True)
+    remove_stale_temporaries(out / STAGED_VECTOR)
     for entry in out.glob(".vector.*"):
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
