@@ -130,6 +130,17 @@ def test_stale_temporaries_of_a_target_are_removed_by_its_next_write(tmp_path):
     assert (tmp_path / "out" / "a").read_text() == "1" and (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()
 
 
+def test_a_folder_of_atomic_writes_is_swept_of_every_dead_runs_temporaries(tmp_path):
+    from personaedit.fileio import remove_stale_temporaries_in
+
+    dead = _dead_pid()
+    for name in (f".steer-ab12.tmp-{dead}-01", f".report.md.tmp-{dead}-02", f".prompt-cd34.tmp-{os.getpid()}-03"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "steer-ab12").mkdir()
+    assert sorted(p.name for p in remove_stale_temporaries_in(tmp_path)) == [f".report.md.tmp-{dead}-02", f".steer-ab12.tmp-{dead}-01"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".prompt-cd34.tmp-{os.getpid()}-03", "steer-ab12"]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -69,6 +69,18 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[Path]:
+    """`remove_stale_temporaries` for every target in `folder`: for a folder of many atomic writes (a bench's
+    edits) whose next run may not write the same targets again."""
+    folder = Path(folder)
+    pattern = re.compile(r"\.(.+)\.(?:tmp|old)-\d+-[0-9a-f]+")
+    try:
+        targets = {match.group(1) for entry in folder.iterdir() if (match := pattern.fullmatch(entry.name))}
+    except OSError:
+        return []
+    return [removed for name in sorted(targets) for removed in remove_stale_temporaries(folder / name)]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is deleted."""

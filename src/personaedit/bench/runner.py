@@ -15,6 +15,7 @@ from personaedit.bench.store import ResultStore, pin_conflict
 from personaedit.edits import load_edit
 from personaedit.errors import PersonaEditError
 from personaedit.faults import fault_point
+from personaedit.fileio import remove_stale_temporaries_in
 from personaedit.eval.metrics import next_token_logprobs
 from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel
@@ -129,6 +130,8 @@ def run_bench(
     cells = expand_grid(methods, personas, strengths)
     judge = judge or TextJudge.load()
     report = on_progress or (lambda done, total, label: None)
+    for folder in (out, out / "edits"):
+        remove_stale_temporaries_in(folder)  # what a killed run was writing (an edit, a report page)
     with ResultStore(out / RESULTS) as store:
         store.check_run({"model_fingerprint": lm.fingerprint, "suite": suite, "judge": judge_identity(judge)},
                         method_options)
