@@ -352,3 +352,22 @@ def test_cli_vector_info(tmp_path, capsys):
     assert code == 0 and "norm per layer" in out and "extraversion=+1" in out
     code, _, err = run_cli(["vector", "info", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "not a personality vector" in err
+
+
+def test_a_killed_merges_temporary_is_removed_by_the_next_merge(tmp_path):
+    """kill -9 leaves the model-sized temporary folder beside --out; the next merge of that target removes it."""
+    import subprocess
+    import sys
+
+    base, model = save_model(tmp_path / "base")
+    make_vector(tmp_path / "v", model, rank=2)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    leaked = tmp_path / f".merged.tmp-{gone.pid}-1f2e"
+    leaked.mkdir(mode=0o700)
+    (leaked / "model.safetensors").write_bytes(b"\0" * 4096)
+    other = tmp_path / f".othermerge.tmp-{gone.pid}-1f2e"  # another target's: not this merge's to remove
+    other.mkdir()
+    run_merge(base, [(tmp_path / "v", 1.0)], tmp_path / "merged")
+    assert not leaked.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".othermerge.tmp-%d-1f2e" % gone.pid, "base", "merged", "v"]
