@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from personaedit.errors import InputFileError, PersonaEditError
+from personaedit.preflight import check_device, check_dtype, check_output_path, parse_edit_option  # noqa: F401 (tests import parse_edit_option from here)
 
 app = typer.Typer(
     name="personaedit",
@@ -60,21 +61,18 @@ def _staged(progress: Progress):
 def _load(model: str, device: Optional[str] = None, dtype: Optional[str] = None, trust_remote_code: bool = False):
     from personaedit.models import load_model
 
+    check_device(device)
+    check_dtype(dtype)
+
     with err.status(f"loading {model} (the first use of a GGUF file converts it once, ~30 s)"):
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def parse_edit_option(text: str) -> tuple[Path, float]:
-    """`DIR` or `DIR:STRENGTH` -> (folder, strength)."""
-    folder, strength = text, 1.0
-    if ":" in text:
-        head, tail = text.rsplit(":", 1)
-        try:
-            strength = float(tail)
-            folder = head
-        except ValueError:
-            pass
-    return Path(folder), strength
+def _check_generation_length(lm: Any, max_new_tokens: int) -> None:
+    """Refuse a reply length past the model's context window (it would never finish, or fail deep inside)."""
+    context = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
+    if context and max_new_tokens >= context:
+        raise PersonaEditError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens")
 
 
 def _load_edits(options: List[str]):
@@ -123,9 +121,14 @@ def generate(
 
     from personaedit.models import generate as run_generate
 
+    if sample and temperature <= 0:
+        raise PersonaEditError("--temperature must be above 0 with --sample (greedy decoding is the default)")
+    check_device(device)
+    check_dtype(dtype)
     prompts = _read_prompts(prompt, prompts_file)
     composed = _load_edits(edit)
     lm = _load(model, device, dtype, trust_remote_code)
+    _check_generation_length(lm, max_new_tokens)
     applied = composed.apply(lm, force=force) if composed else contextlib.nullcontext()
     with applied, _progress() as progress:
         task = progress.add_task("generating", total=len(prompts))
@@ -178,6 +181,8 @@ def _edit_command(name: str):
         from personaedit.persona import Persona
 
         target = Persona.parse(persona)
+        check_device(device)
+        check_output_path(out, folder=True)
         if out.exists() and any(out.iterdir()) and not (out / "edit.json").exists():
             raise InputFileError(f"refusing to overwrite {out}: it exists and is not an edit folder")
         if (out / "edit.json").exists() and not force:
@@ -346,6 +351,10 @@ def vector_train(
     from personaedit.vectors import train_vector
 
     target = Persona.parse(persona)
+    check_device(device)
+    check_output_path(out, folder=True)
+    if big5_chat is not None and not big5_chat.is_file():
+        raise InputFileError(f"--big5-chat {big5_chat}: no such file")
     lm = _load(model, device)
     with _progress() as progress:
         on_progress = _staged(progress)
@@ -390,6 +399,8 @@ def merge_command(
     if config is None and not vector:
         raise PersonaEditError("give at least one --vector DIR=ALPHA, or --config merge.yaml")
     merge_config = load_config(config, **options) if config else config_from_options(**options)
+    if out is not None or getattr(merge_config, "out", None) is not None:
+        check_output_path(out if out is not None else merge_config.out, folder=True)
     with _progress() as progress:
         task = progress.add_task(f"merge: {merge_config.method}", total=None)
         result = merge(merge_config, out, on_progress=lambda done, total: progress.update(task, completed=done, total=total))
@@ -432,6 +443,7 @@ def judge(
 
     if input_path is None or out is None:
         raise InputFileError("give --in TEXTS.jsonl --out SCORES.jsonl")
+    check_output_path(out)
     rows = _read_jsonl_texts(input_path)
     scorer = TextJudge.load(head)
     with _progress() as progress:
@@ -505,6 +517,11 @@ def mend_train(
     """Train (or resume) the MEND editor on the training split; checkpoints every 50 steps."""
     from personaedit.methods.mend_editor import TrainConfig, train_editor
 
+    check_device(device)
+    if out is not None:
+        check_output_path(out, folder=True)
+    if data is not None and not data.is_file():
+        raise InputFileError(f"--data {data}: no such file")
     config = TrainConfig(layers=layers, rank=rank, steps=steps, lr=lr, locality=locality, seed=seed)
     lm = _load(model, device)
     with _progress() as progress:
@@ -531,6 +548,10 @@ def evaluate(
 
     if suite not in SUITES:
         raise InputFileError(f"unknown suite {suite!r} (valid: {', '.join(SUITES)})")
+    check_device(device)
+    check_output_path(out)
+    if html_path is not None:
+        check_output_path(html_path, what="--html")
     composed = _load_edits(edit)
     lm = _load(model, device)
     with _progress() as progress:
@@ -575,13 +596,21 @@ def bench(
     """Fit, evaluate and compare methods over personas and strengths; resumable; writes a report with plots."""
     from rich.markdown import Markdown
 
-    from personaedit.bench import parse_method_options, parse_personas, parse_strengths, run_bench, select_methods
+    from personaedit.bench import (check_resumable, parse_method_options, parse_personas, parse_strengths, run_bench,
+                                   select_methods)
     from personaedit.bench.report import write_report
 
     chosen = select_methods(methods)
     specs = parse_personas([part for option in personas for part in option.split(";")])
     levels = parse_strengths(strengths)
     options = parse_method_options(settings, chosen)
+    from personaedit.bench.runner import BACKENDS
+
+    if backend not in BACKENDS:
+        raise PersonaEditError(f"unknown backend {backend!r} (valid: {', '.join(BACKENDS)})")
+    check_device(device)
+    check_output_path(out, folder=True)
+    check_resumable(out, chosen, suite=suite, method_options=options)  # a folder that cannot resume: before the load
     lm = _load(model, device)
     with _progress() as progress:
         task = progress.add_task("bench", total=None)
@@ -623,6 +652,7 @@ def demo(
 
     target = Persona.parse(persona)
     chosen = DEMO_METHODS if methods is None else {m: DEMO_METHODS.get(m, {}) for m in select_methods(methods)}
+    check_output_path(html_path, what="--html")
     lm = _load(model)
     asked = demo_questions(target, questions)
     with err.status("demo") as status:
@@ -648,12 +678,42 @@ app.command()(serve)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the app and turn user errors into one line and exit status 2."""
+    """Entry point: run the app; user errors and usage errors print one line and exit with status 2."""
+    click = _click_exceptions()
+    command = typer.main.get_command(app)
     try:
-        app(args=sys.argv[1:] if argv is None else argv, prog_name="personaedit")
+        command.main(args=sys.argv[1:] if argv is None else argv, prog_name="personaedit", standalone_mode=False)
     except PersonaEditError as exc:
-        if _state["verbose"]:
-            traceback.print_exc()
-        lines = str(exc).splitlines() or [type(exc).__name__]
-        sys.stderr.write(f"error: {lines[0]}\n")
-        sys.exit(2)
+        _fail(exc, str(exc))
+    except getattr(click, "NoArgsIsHelpError", ()) as exc:  # a group called bare: its help, as click would
+        exc.show(file=sys.stdout)
+    except click.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _fail(exc, f"{exc.format_message()}{where}")
+    except click.ClickException as exc:  # e.g. a file option click could not open
+        _fail(exc, exc.format_message())
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:  # `personaedit ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        sys.exit(0)
+
+
+def _fail(exc: BaseException, message: str) -> None:
+    if _state["verbose"]:
+        traceback.print_exception(exc)
+    lines = [line for line in message.splitlines() if line.strip()] or [type(exc).__name__]
+    sys.stderr.write(f"error: {lines[0]}\n")
+    sys.exit(2)
+
+
+def _click_exceptions():
+    """The exception classes of the click that typer runs on (recent typer vendors its own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions

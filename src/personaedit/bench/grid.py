@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -75,6 +76,8 @@ def parse_strengths(spec: str) -> list[float]:
         raise PersonaEditError(f"bad strengths {spec!r}: give comma-separated numbers, e.g. 0,0.5,1") from None
     if not values:
         raise PersonaEditError("no strengths: give e.g. --strengths 1 or 0,0.5,1,2")
+    if not all(math.isfinite(v) for v in values):
+        raise PersonaEditError(f"bad strengths {spec!r}: every strength must be a finite number")
     return list(dict.fromkeys(values))
 
 
@@ -86,7 +89,7 @@ def parse_method_options(settings: Iterable[str], methods: list[str]) -> dict[st
         name, _, value = setting.partition("=")
         method, _, option = name.partition(".")
         if not value or not option:
-            raise PersonaEditError(f"bad setting {setting!r}: use METHOD.OPTION=VALUE, e.g. dpnle.pairs=500")
+            raise PersonaEditError(f"bad --set {setting!r}: use METHOD.OPTION=VALUE, e.g. dpnle.pairs=500")
         if method not in methods:
             raise PersonaEditError(f"setting {setting!r} is for method {method!r}, which is not in --methods")
         options = get_method(method).options()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from personaedit.errors import EditError
@@ -171,13 +173,32 @@ def read_edit_metadata(directory: str | Path) -> dict[str, Any]:
         raise EditError(f"{directory} is not an edit folder (no {EDIT_JSON})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise EditError(f"{meta_path} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise EditError(f"{meta_path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EditError(f"{meta_path} is not a personaedit edit")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise EditError(f"{directory} was written by a newer personaedit (format {meta['format_version']}); upgrade to read it")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise EditError(f"{meta_path}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise EditError(f"{directory} was written by a newer personaedit (format {version}); upgrade to read it")
     return meta
+
+
+def read_edit_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The edit's tensors, refusing an unreadable file (truncated, not safetensors) and non-finite values."""
+    path = directory / TENSORS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EditError(f"{path} is not a readable safetensors file ({reason})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise EditError(f"{path}: tensor {name!r} holds values that are not finite (nan or inf)")
+    return tensors
 
 
 def load_edit(directory: str | Path) -> "Edit":
@@ -188,13 +209,17 @@ def load_edit(directory: str | Path) -> "Edit":
     meta = read_edit_metadata(directory)
     kind = meta.get("kind")
     if kind not in EDIT_KINDS:
-        raise EditError(f"{directory}: unknown edit kind {kind!r}")
-    tensors_path = directory / TENSORS_FILE
-    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
+        raise EditError(f"{directory}: unknown edit kind {kind!r} (valid: {', '.join(EDIT_KINDS)})")
+    tensors = read_edit_tensors(directory) if kind != "composed" else {}
     try:
-        return EDIT_KINDS[kind].from_saved(meta, tensors, directory)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EditError(f"{directory}: malformed {kind} edit ({exc})") from None
+        edit = EDIT_KINDS[kind].from_saved(meta, tensors, directory)
+    except KeyError as exc:
+        raise EditError(f"{directory}: malformed {kind} edit (no {exc} in {EDIT_JSON} or {TENSORS_FILE})") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise EditError(f"{directory}: malformed {kind} edit ({type(exc).__name__}: {exc})") from None
+    if not math.isfinite(edit.scale):
+        raise EditError(f"{directory}: scale must be a finite number, got {edit.scale}")
+    return edit
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 import scipy.optimize
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from personaedit.data import records
@@ -342,8 +343,9 @@ class JudgeHead:
         try:
             t = load_file(str(path))
             meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputFileError(f"cannot read text-judge head {path}: {exc}") from None
+        except (OSError, ValueError, SafetensorError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputFileError(f"cannot read text-judge head {path}: {reason}") from None
         shapes_ok = (
             {"pole_weight", "pole_bias", "trait_weight", "trait_bias"} <= set(t)
             and t["pole_weight"].shape[0] == len(DIMENSIONS) and t["trait_weight"].shape[0] == len(TRAITS)

@@ -19,6 +19,7 @@ Options a method does not use are refused, so nothing is silently ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -146,9 +147,12 @@ def parse_vector_option(text: str) -> VectorRef:
     if not sep:
         return VectorRef(path=Path(text))
     try:
-        return VectorRef(path=Path(path), weight=float(weight))
+        alpha = float(weight)
     except ValueError:
         raise PersonaEditError(f"--vector {text!r}: the weight after '=' must be a number (e.g. DIR=0.5)") from None
+    if not math.isfinite(alpha):
+        raise PersonaEditError(f"--vector {text!r}: the weight after '=' must be a finite number")
+    return VectorRef(path=Path(path), weight=alpha)
 
 
 def config_from_options(**options: Any) -> MergeConfig:

