@@ -220,3 +220,28 @@ def test_the_cli_refuses_a_folder_it_cannot_resume_before_loading_the_model(tmp_
     monkeypatch.setattr(cli, "_load", no_load)
     code, out, err = run_cli(["bench", "--methods", "prompt", "--personas", "extraversion=high", "--out", str(folder)], capsys)
     assert code == 2 and "suite 'full'" in err and "another --out" in err
+
+
+def test_a_report_over_a_store_with_no_finished_cells_says_so(tmp_path):
+    from personaedit.bench.report import write_report
+    from personaedit.bench.store import ResultStore
+
+    with ResultStore(tmp_path / "results.sqlite"):
+        pass
+    written = write_report(tmp_path)
+    assert "No finished cells yet" in written["markdown"].read_text()
+    page = written["html"].read_text()
+    assert "No finished cells yet" in page and "<table>" not in page and "jp = judging (J, +)" in page
+
+
+def test_eval_page_writes_the_persona_as_a_spec():
+    from personaedit.eval.report import render_html
+
+    condition = {"expression": {"mean_scores": {"extraversion": 0.1}, "replies": [{"question": "q", "reply": "r"}]},
+                 "inventory": {"traits": {"extraversion": {"signed": 0.0}}}, "perplexity": 10.0,
+                 "coherence": {"coherent_share": 1.0, "mean_ngram_entropy": 3.0}}
+    report = {"model": {"spec": "tiny", "model_type": "llama", "fingerprint": "f"}, "suite": "quick", "seconds": 1,
+              "data": {"questions": 1}, "edit": {"method": "steer"}, "persona": {"extraversion": 1.0, "tf": -1.0},
+              "conditions": {"base": condition, "edited": condition}}
+    page = render_html(report)
+    assert "persona extraversion=high,tf=F" in page and "{" not in page.split("<body>")[1].split("<img")[0]

@@ -256,7 +256,7 @@ def test_refusals(tmp_path):
     with pytest.raises(EditError, match=r"shape \(5, 7\) in the vector and \(32, 64\)"):
         run_merge(base, [(tmp_path / "wrong", 1.0)], tmp_path / "out")
     ActivationEdit(method="steer", interventions=(Intervention("residual", 1, torch.ones(32)),)).save(tmp_path / "act")
-    with pytest.raises(EditError, match="only weight edits"):
+    with pytest.raises(EditError, match="activation edit, not a personality vector"):
         run_merge(base, [(tmp_path / "act", 1.0)], tmp_path / "out")
     make_vector(tmp_path / "v", model)
     with pytest.raises(PersonaEditError, match="does not use --density"):

@@ -271,3 +271,12 @@ def test_training_keeps_distilled_batches_until_the_examples_are_written(tmp_pat
     train_vector(lm, "extraversion=high", out, limit=3, max_new_tokens=4, lora_rank=2, epochs=1, batch_size=4)
     assert (out / "examples.jsonl").is_file() and not (out / "examples.partial.jsonl").exists()
     assert (out / "edit.json").is_file()
+
+
+def test_cli_warns_when_the_vector_is_all_zeros(tmp_path, capsys):
+    model_dir = str(save_tiny(tmp_path / "tiny-model"))
+    out = folder_with_examples(tmp_path / "vector", n=2)
+    code, _, err = run(["vector", "train", "--model", model_dir, "--persona", "extraversion=high", "--out", str(out),
+                        "--lora-rank", "0", "--epochs", "1", "--batch-size", "2", "--lr", "0"], capsys)
+    assert code == 0, err
+    assert "warning: the vector is all zeros" in err

@@ -38,12 +38,25 @@ def _main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="S
     _state["verbose"] = verbose
 
 
-def _progress() -> Progress:
+def _progress() -> Any:
+    """Bars on a terminal; in logs and pipes a plain line per task at least every 30 s (see cli_progress)."""
+    if not err.is_terminal:
+        from personaedit.cli_progress import LineProgress
+
+        return LineProgress(sys.stderr)
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
-        disable=not err.is_terminal,  # no bar in logs and pipes, where it would only add blank lines
     )
+
+
+def status(message: str) -> Any:
+    """A spinner on a terminal; the message as a line in logs and pipes."""
+    if not err.is_terminal:
+        from personaedit.cli_progress import LineStatus
+
+        return LineStatus(sys.stderr, message)
+    return err.status(message)
 
 
 def _staged(progress: Progress):
@@ -64,7 +77,7 @@ def _load(model: str, device: Optional[str] = None, dtype: Optional[str] = None,
     check_device(device)
     check_dtype(dtype)
 
-    with err.status(f"loading {model} (the first use of a GGUF file converts it once, ~30 s)"):
+    with status(f"loading {model} (the first use of a GGUF file converts it once, ~30 s)"):
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -190,8 +203,8 @@ def _edit_command(name: str):
         lm = _load(model, device)
         kwargs = dict(options)
         with _progress() as progress:
+            task = progress.add_task(f"{name}: fitting", total=None)  # off a terminal: a line every 30 s
             if "on_progress" in inspect.signature(chosen.fit).parameters:
-                task = progress.add_task(f"{name}: fitting", total=None)
                 kwargs["on_progress"] = lambda done, total: progress.update(task, completed=done, total=total)
             edit: Edit = chosen.fit(lm, target, **kwargs)
         edit.save(out)
@@ -347,6 +360,8 @@ def vector_train(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
 ) -> None:
     """Fine-tune on dialogue in one persona (LoRA or full) and save φ = θ_ft − θ_base as a weight edit."""
+    from torch import device as torch_device
+
     from personaedit.persona import Persona
     from personaedit.vectors import train_vector
 
@@ -366,6 +381,9 @@ def vector_train(
             grad_accumulation=grad_accumulation, max_length=max_length, save_steps=save_steps, seed=seed,
             on_progress=on_progress,
         )
+    if all(float(delta.materialise(torch_device("cpu")).abs().max()) == 0 for delta in trained.edit.deltas.values()):
+        err.print("warning: the vector is all zeros: training changed nothing (too few steps, or a learning rate of 0); "
+                  "it will not change the model", markup=False)
     resumed = f", resumed at step {trained.resumed_from}" if trained.resumed_from else ""
     loss = f", loss {trained.train_loss:.3f}" if trained.train_loss is not None else ""
     err.print(f"saved personality vector ({target.spec()}, {len(trained.edit.deltas)} parameters, {trained.examples} "
@@ -486,7 +504,7 @@ def judge_evaluate(
     from personaedit.eval.text_judge import TextJudge, evaluate_on_check_set, evaluate_text_judge
 
     scorer = TextJudge.load(head)
-    with err.status("encoding texts"):
+    with status("encoding texts"):
         on_split = evaluate_text_judge(scorer, split)
         on_check = evaluate_on_check_set(scorer)
     table = Table("dimension", f"{split} split", "check set (chat replies)")
@@ -655,9 +673,9 @@ def demo(
     check_output_path(html_path, what="--html")
     lm = _load(model)
     asked = demo_questions(target, questions)
-    with err.status("demo") as status:
+    with status("demo") as demo_status:
         result = run_demo(lm, target, asked, methods=chosen, max_new_tokens=max_new_tokens,
-                          on_step=lambda title: status.update(f"demo: {title} (the first run fits and caches, a few minutes)"))
+                          on_step=lambda title: demo_status.update(f"demo: {title} (the first run fits and caches, a few minutes)"))
     table = Table(title=f"personaedit demo · {lm.spec} · persona {target.spec()}", show_lines=True, expand=True)
     table.add_column("question", ratio=2, style="bold")
     for title in result.columns:

@@ -98,6 +98,23 @@ MBTI: dict[str, Dimension] = {
 
 DIMENSIONS: dict[str, Dimension] = {**BIG_FIVE, **MBTI}
 
+_POLE_WORDS = {"E": "extraversion", "I": "introversion", "S": "sensing", "N": "intuition",
+               "T": "thinking", "F": "feeling", "J": "judging", "P": "perceiving"}
+MBTI_LEGEND = ("MBTI-style axes: " + "; ".join(
+    f"{d.name} = {_POLE_WORDS[d.high.name]} ({d.high.name}, +) vs {_POLE_WORDS[d.low.name]} ({d.low.name}, −)"
+    for d in MBTI.values()) + ".")
+
+
+def describe_persona(persona: "Persona | Mapping[str, object] | str | None") -> str:
+    """A persona as its spec (`extraversion=high,tf=T`), however it was stored; '-' for none."""
+    if persona is None or persona == {}:
+        return "-"
+    if isinstance(persona, str):
+        return persona
+    if isinstance(persona, Mapping):
+        return Persona.from_mapping(persona).spec()
+    return persona.spec()
+
 _NAMED_LEVELS = {"high": 1.0, "low": -1.0, "+": 1.0, "-": -1.0}
 
 

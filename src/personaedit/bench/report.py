@@ -17,6 +17,7 @@ from personaedit.bench.runner import BASE
 from personaedit.bench.store import ResultStore
 from personaedit.eval.metrics import pearson, spearman
 from personaedit.fileio import atomic_path, write_json_atomic, write_text_atomic
+from personaedit.persona import MBTI_LEGEND
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,6 +90,9 @@ def _fmt(value: Any, spec: str = "+.3f") -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    if not summary["cells"]:
+        return ("No finished cells yet: this bench folder holds no measured method (run `personaedit bench` "
+                "with this --out to fill it; it resumes).\n")
     lines = ["| method | strength | personas moved the right way | mean shift | coherent | perplexity × | KL | "
              "robustness gain | fit s | fit peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
@@ -227,6 +231,8 @@ def _html(summary: dict[str, Any], table: str, images: list[str]) -> str:
                             for tag, r in [("th", t[0])] + [("td", r) for r in t[1:]]) + "</table>"
         for t in tables)
     figures = "".join(f'<img alt="{html.escape(n)}" src="plots/{html.escape(n)}">' for n in images)
+    if not summary["cells"]:
+        rendered = f"<p><b>{html.escape(table.strip())}</b></p>"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>personaedit bench</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222}}
@@ -235,7 +241,8 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <h1>personaedit bench</h1>
 <p>Scores are the offline text judge's, signed towards each persona (+ = closer to the persona's poles), on
 held-out test-split questions; shift = edited − base. Base perplexity on neutral text:
-{summary.get('base', {}).get('perplexity', float('nan')):.2f}.</p>
+{summary.get('base', {}).get('perplexity', float('nan')):.2f}. Personas are written as specs (trait=high|low|level);
+{html.escape(MBTI_LEGEND)}</p>
 {figures}{rendered}
 <details><summary>summary.json</summary><pre>{html.escape(json.dumps(summary["methods"], indent=1))}</pre></details>
 </body></html>

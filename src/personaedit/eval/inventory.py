@@ -27,6 +27,7 @@ import torch
 from personaedit.data import records
 from personaedit.errors import InputFileError, PersonaEditError
 from personaedit.models.generation import build_messages, ensure_pad_token, render_chat
+from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.hooks import generated_from
 from personaedit.models.loading import LoadedModel
 from personaedit.persona import BIG_FIVE, MBTI
@@ -234,7 +235,7 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int]):
     ids = torch.tensor([prefix], device=lm.device)
     with torch.no_grad(), generated_from(torch.tensor([len(prefix)])):  # no prefix position is generated
         output = lm.model(input_ids=ids, use_cache=True, **_forward_options(lm))
-    cache = getattr(output, "past_key_values", None)
+    cache = cache_of(output)
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
@@ -249,7 +250,7 @@ def _last_logits(lm: LoadedModel, rows: list[list[int]], pad_id: int, cache, pre
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(len(rows))
         ones = torch.ones(len(rows), prefix_len, dtype=mask.dtype, device=lm.device)
-        options.update(past_key_values=past, use_cache=True, attention_mask=torch.cat([ones, mask], dim=1))
+        options.update({cache_argument(lm.model): past}, use_cache=True, attention_mask=torch.cat([ones, mask], dim=1))
     else:
         options.update(attention_mask=mask, use_cache=False)
     with torch.no_grad():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from personaedit.fileio import write_text_atomic
+from personaedit.persona import MBTI_LEGEND, describe_persona
 
 
 def _bar_chart(title: str, series: dict[str, dict[str, float]], ylabel: str, ylim: tuple[float, float] | None) -> str:
@@ -55,7 +56,7 @@ def render_html(report: dict[str, Any]) -> str:
     kl = f"<p>KL(base ‖ edited) of next-token distributions on neutral prompts: <b>{report['kl_to_base']:.4f}</b> nats</p>" \
         if "kl_to_base" in report else ""
     edit = report.get("edit")
-    edit_line = (f"{html.escape(edit['method'])} edit, persona {html.escape(str(report.get('persona')))}"
+    edit_line = (f"{html.escape(edit['method'])} edit, persona {html.escape(describe_persona(report.get('persona')))}"
                  if edit else "no edit (base model profile)")
     sample = next(iter(conditions.values()))["expression"]["replies"][:6]
     samples = "".join(
@@ -76,6 +77,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 fingerprint {html.escape(report['model']['fingerprint'])}) · suite <b>{html.escape(report['suite'])}</b> ·
 {edit_line} · {report['data']['questions']} held-out questions · {report['seconds']} s</p>
 {images}
+<p><small>{html.escape(MBTI_LEGEND)}</small></p>
 <h2>Capability</h2>
 <table><tr><th>condition</th><th>perplexity (neutral text)</th><th>coherent replies</th><th>mean n-gram entropy</th></tr>
 {''.join(rows)}</table>{kl}

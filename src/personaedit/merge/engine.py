@@ -115,7 +115,10 @@ class VectorFile:
             raise EditError(f"{path} is not a personality vector (no {EDIT_JSON})")
         meta = read_edit_metadata(path)
         if meta.get("kind") != "weight":
-            raise EditError(f"{path} is a {meta.get('kind')} edit; only weight edits (personality vectors) can be merged")
+            kind = meta.get("kind")
+            article = "an" if str(kind)[:1] in "aeiou" else "a"
+            raise EditError(f"{path} is {article} {kind} edit, not a personality vector: `vector` and `merge` take weight "
+                            f"edits (from `vector train`, `vector from-finetune`, rome, palette, memit, mend)")
         try:
             deltas = meta["payload"]["deltas"]
             shapes = {name: tuple(info["shape"]) for name, info in deltas.items()}

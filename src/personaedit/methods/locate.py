@@ -24,6 +24,7 @@ from personaedit.edits import Delta
 from personaedit.errors import PersonaEditError
 from personaedit.models.arch import is_transposed_linear
 from personaedit.models.generation import ensure_pad_token
+from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.hooks import hook_site
 from personaedit.models.loading import LoadedModel
 
@@ -199,7 +200,7 @@ class _Runner:
             with torch.no_grad():
                 out = lm.model(input_ids=ids, attention_mask=self.mask, position_ids=(self.mask.cumsum(1) - 1).clamp(min=0),
                                use_cache=True, logits_to_keep=1)
-            self.cache = out.past_key_values
+            self.cache = cache_of(out)
             offset = self.mask.sum(1)
         self.positions = offset[:, None] + torch.arange(self.chunk.shape[1], device=lm.device)[None, :]
         self.replay_below = replay_below
@@ -211,7 +212,7 @@ class _Runner:
         cache = copy.deepcopy(self.cache) if self.cache is not None else None
         with self._replaying():
             return self.lm.model(input_ids=self.chunk, attention_mask=mask, position_ids=self.positions,
-                                 past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep)
+                                 use_cache=cache is not None, logits_to_keep=keep, **{cache_argument(self.lm.model): cache})
 
     @contextlib.contextmanager
     def _replaying(self) -> Iterator[None]:
