@@ -138,7 +138,7 @@ def test_peft_refuses_non_linear_parameters_unless_told_to_skip_them(tmp_path):
 def test_peft_refuses_other_kinds_and_foreign_folders(tmp_path):
     folder = save_model(tmp_path / "m", "llama")
     steer = ActivationEdit(method="steer", interventions=(Intervention("residual", 1, torch.ones(32)),))
-    with pytest.raises(ExportError, match="contains a activation edit.*can be exported as: control-vector"):
+    with pytest.raises(ExportError, match=r"steer edit is an activation edit.*can be exported as: control-vector \(with --all-positions\)\)"):
         export_peft(steer, tmp_path / "x", model=folder)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -206,7 +206,7 @@ def test_control_vector_refusals(tmp_path):
     folder = save_model(tmp_path / "m", "llama")
     lm = load_model(folder, device="cpu")
     generated = steer_edit(lm, positions="generated")
-    with pytest.raises(ExportError, match="generated positions only.*--all-positions.*can be exported as: control-vector"):
+    with pytest.raises(ExportError, match=r"generated positions only.*--all-positions.*exported as: control-vector \(with --all-positions\)"):
         export_control_vector(generated, tmp_path / "a.gguf")
     result = export_control_vector(generated, tmp_path / "a.gguf", all_positions=True)
     assert "every position" in result.line()
@@ -352,3 +352,6 @@ def test_cli_export_one_line_and_exit_2_naming_the_formats(tmp_path, capsys):
     assert code == 0 and out.startswith("gguf: wrote") and "llama model" in out
     code, out, err = run(["export", str(tmp_path / "nothing"), "--format", "peft", "--out", str(tmp_path / "e")], capsys)
     assert code == 2 and "not an edit folder" in err
+    (tmp_path / "file").write_text("x")
+    code, out, err = run(["export", str(tmp_path / "rome"), "--format", "peft", "--out", str(tmp_path / "file" / "a")], capsys)
+    assert code == 2 and err.startswith(f"error: cannot export to {tmp_path / 'file' / 'a'}") and err.count("\n") == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from personaedit.edits import ActivationEdit, ContextEdit, Edit, WeightEdit
+from personaedit.errors import PersonaEditError
 from personaedit.export.base import FORMATS, ExportError, ExportResult, leaves
 from personaedit.export.control_vector import (
     ControlVector, control_vector_refusal, export_control_vector, read_control_vector, write_control_vector,
@@ -24,15 +25,16 @@ from personaedit.export.peft import export_peft
 from personaedit.export.prompt import export_prompt, prompt_payload, prompt_refusal
 
 
-def formats_for(edit: Edit) -> list[str]:
-    """The formats `edit` can be exported to (a control vector counts when it converts with --all-positions;
-    which parameters a LoRA can hold is known only with the model's module types)."""
+def formats_for(edit: Edit, annotated: bool = False) -> list[str]:
+    """The formats `edit` can be exported to (a control vector counts when it converts with --all-positions,
+    said so when `annotated`; which parameters a LoRA can hold is known only with the model's module types)."""
     kinds = {type(leaf) for leaf, _ in leaves(edit)}
     formats = []
     if kinds and kinds <= {WeightEdit}:
         formats += ["peft", "gguf"]
     if kinds and kinds <= {ActivationEdit} and control_vector_refusal(edit, all_positions=True) is None:
-        formats.append("control-vector")
+        needs_flag = annotated and control_vector_refusal(edit, all_positions=False) is not None
+        formats.append("control-vector (with --all-positions)" if needs_flag else "control-vector")
     if kinds and kinds <= {ContextEdit} and prompt_refusal(edit) is None:
         formats.append("prompt")
     return formats
@@ -43,12 +45,20 @@ def export_edit(edit: Edit | str | Path, fmt: str, out: str | Path, *, model: st
                 force: bool = False) -> ExportResult:
     """Export `edit` (an Edit or an edit folder) in format `fmt` to `out`. For `gguf`, `edit` may also be a model
     spec (a merged HF folder, `default`, a `.gguf` file), written as it is."""
+    if fmt not in FORMATS:
+        raise PersonaEditError(f"unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
+    try:
+        return _export(edit, fmt, Path(out), model=model, strength=strength, rank=rank, skip_unsupported=skip_unsupported,
+                       all_positions=all_positions, dtype=dtype, force=force)
+    except OSError as exc:  # an output folder that cannot be made, a full disk
+        raise PersonaEditError(f"cannot export to {out}: {exc.strerror or exc}"
+                               + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else "")) from exc
+
+
+def _export(edit, fmt: str, out: Path, *, model, strength, rank, skip_unsupported, all_positions, dtype, force) -> ExportResult:
     from personaedit.edits import load_edit
     from personaedit.edits.base import EDIT_JSON
 
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r} (valid: {', '.join(FORMATS)})",
-                          formats_for(edit) if isinstance(edit, Edit) else FORMATS)
     if not isinstance(edit, Edit):
         source = str(edit)
         if fmt == "gguf" and not (Path(source) / EDIT_JSON).is_file():

@@ -70,6 +70,14 @@ def describe_edit(edit: Edit) -> str:
     return f"{edit.method} edit" if not isinstance(edit, ComposedEdit) else f"composed edit ({edit.method})"
 
 
+def kind_phrase(edit: Edit, leaf: Edit) -> str:
+    """'this steer edit is an activation edit' / 'this composed edit (a+b) contains an activation edit (a)'."""
+    article = "an" if leaf.kind[0] in "aeiou" else "a"
+    if leaf is edit:
+        return f"this {edit.method} edit is {article} {leaf.kind} edit"
+    return f"this {describe_edit(edit)} contains {article} {leaf.kind} edit ({leaf.method})"
+
+
 def model_spec_for(edit: Edit | None, model: str | None) -> str:
     """`--model` when given, else the spec of the model the edit was fitted on."""
     if model:

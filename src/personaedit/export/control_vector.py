@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from personaedit.edits import ActivationEdit, Edit, Intervention
-from personaedit.export.base import ExportError, ExportResult, describe_edit, leaves, model_spec_for, refuse_foreign_file
+from personaedit.export.base import ExportError, ExportResult, describe_edit, kind_phrase, leaves, model_spec_for, refuse_foreign_file
 from personaedit.errors import PersonaEditError
 
 ARCH = "controlvector"
@@ -135,7 +135,7 @@ def control_vector_refusal(edit: Edit, all_positions: bool = True) -> str | None
     """Why `edit` cannot become a control vector (None when it can); needs no model."""
     for leaf, _ in leaves(edit):
         if not isinstance(leaf, ActivationEdit):
-            return f"a control vector holds activation additions; this {describe_edit(edit)} contains a {leaf.kind} edit ({leaf.method})"
+            return f"a control vector holds activation additions; {kind_phrase(edit, leaf)}"
         for item in leaf.interventions:
             reason = _refusal(item, all_positions)
             if reason:
@@ -154,7 +154,7 @@ def export_control_vector(edit: Edit, out: str | Path, *, model: str | None = No
     refuse_foreign_file(out, GGUF_MAGIC)
     reason = control_vector_refusal(edit, all_positions)
     if reason:
-        raise ExportError(f"this {describe_edit(edit)} cannot be a control vector: {reason}", formats_for(edit))
+        raise ExportError(f"this {describe_edit(edit)} cannot be a control vector: {reason}", formats_for(edit, annotated=True))
     parts = leaves(edit, strength)
     needs_model = any(item.point != "residual" for leaf, _ in parts for item in leaf.interventions)
     lm = None

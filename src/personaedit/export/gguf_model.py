@@ -33,7 +33,7 @@ import torch
 
 from personaedit.edits import Edit, WeightEdit
 from personaedit.errors import PersonaEditError
-from personaedit.export.base import ExportError, ExportResult, describe_edit, leaves, refuse_foreign_file
+from personaedit.export.base import ExportError, ExportResult, kind_phrase, leaves, refuse_foreign_file
 
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 DTYPES = ("f32", "f16", "q8_0")
@@ -249,15 +249,15 @@ def export_gguf_model(source: str, out: str | Path, *, edit: Edit | None = None,
     if edit is not None:
         others = [leaf for leaf, _ in leaves(edit) if not isinstance(leaf, WeightEdit)]
         if others:
-            raise ExportError(f"a GGUF model holds weights; this {describe_edit(edit)} contains a {others[0].kind} edit "
-                              f"({others[0].method}), which changes no weight", formats_for(edit))
+            raise ExportError(f"a GGUF model holds weights; {kind_phrase(edit, others[0])}, which changes no weight",
+                              formats_for(edit, annotated=True))
         spec = model_spec_for(edit, model)
     else:
         spec = model or source
     lm = load_model(spec, device="cpu", dtype="float32")
     reason = gguf_refusal(lm.model.config)
     if reason:
-        raise ExportError(reason, formats_for(edit)) if edit is not None else PersonaEditError(reason)
+        raise ExportError(reason, formats_for(edit, annotated=True)) if edit is not None else PersonaEditError(reason)
     tokenizer_from = source_gguf(spec, Path(lm.source) if Path(lm.source).is_dir() else None)
     name = Path(spec).name if spec != "default" else "SmolLM2-135M-Instruct"
     if edit is not None:

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from personaedit.edits import Edit, WeightEdit
 from personaedit.export.base import RECORD_FILE as MARKER
 from personaedit.export.base import (
-    ExportError, ExportResult, describe_edit, leaves, model_spec_for, record, refuse_foreign, size_of, skeleton,
+    ExportError, ExportResult, kind_phrase, leaves, model_spec_for, record, refuse_foreign, size_of, skeleton,
 )
 from personaedit.fileio import atomic_dir, give_usual_mode
 from personaedit.models.arch import is_transposed_linear
@@ -93,18 +93,17 @@ def export_peft(edit: Edit, out: str | Path, *, model: str | None = None, streng
     out = Path(out)
     refuse_foreign(out, MARKER)
     if rank < 1:
-        raise ExportError("--rank must be at least 1", formats_for(edit))
+        raise ExportError("--rank must be at least 1", formats_for(edit, annotated=True))
     parts = leaves(edit, strength)
     others = [leaf for leaf, _ in parts if not isinstance(leaf, WeightEdit)]
     if others:
-        raise ExportError(f"a LoRA adapter holds weight changes; this {describe_edit(edit)} contains a {others[0].kind} "
-                          f"edit ({others[0].method})", formats_for(edit))
+        raise ExportError(f"a LoRA adapter holds weight changes; {kind_phrase(edit, others[0])}", formats_for(edit, annotated=True))
     by_param: dict[str, list[tuple[Any, float]]] = {}
     for leaf, factor in parts:
         for name, delta in leaf.deltas.items():
             by_param.setdefault(name, []).append((delta, factor))
     if not by_param:
-        raise ExportError("the edit changes no parameter", formats_for(edit))
+        raise ExportError("the edit changes no parameter", formats_for(edit, annotated=True))
     spec = model_spec_for(edit, model)
     skeleton_model, folder = skeleton(spec)
     params = dict(skeleton_model.named_parameters())
@@ -113,11 +112,11 @@ def export_peft(edit: Edit, out: str | Path, *, model: str | None = None, streng
     kinds: dict[str, tuple[str, str]] = {}
     for name, pieces in by_param.items():
         if name not in params:
-            raise ExportError(f"the edit changes {name}, which {spec} does not have", formats_for(edit))
+            raise ExportError(f"the edit changes {name}, which {spec} does not have", formats_for(edit, annotated=True))
         for delta, _ in pieces:
             if tuple(delta.shape) != tuple(params[name].shape):
                 raise ExportError(f"the edit's {name} has shape {tuple(delta.shape)}, {spec}'s has {tuple(params[name].shape)}",
-                                  formats_for(edit))
+                                  formats_for(edit, annotated=True))
         kind, path = _module_kind(skeleton_model, name)
         if kind in ("linear", "conv1d"):
             kinds[name] = (kind, path)
@@ -126,9 +125,9 @@ def export_peft(edit: Edit, out: str | Path, *, model: str | None = None, streng
     if unsupported and not skip_unsupported:
         shown = ", ".join(unsupported[:3]) + (f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else "")
         raise ExportError(f"a LoRA adapter changes Linear weights only; this edit also changes {shown} (embeddings, norms "
-                          "or biases): pass --skip-unsupported to export without them", formats_for(edit))
+                          "or biases): pass --skip-unsupported to export without them", formats_for(edit, annotated=True))
     if not kinds:
-        raise ExportError("none of the edit's parameters is a Linear weight a LoRA adapter can change", formats_for(edit))
+        raise ExportError("none of the edit's parameters is a Linear weight a LoRA adapter can change", formats_for(edit, annotated=True))
 
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     residual, total, approximated = 0.0, 0.0, []

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from personaedit.edits import ContextEdit, Edit
-from personaedit.export.base import ExportError, ExportResult, describe_edit, leaves
+from personaedit.export.base import ExportError, ExportResult, describe_edit, kind_phrase, leaves
 from personaedit.fileio import write_text_atomic
 
 FORMAT = "personaedit-prompt"
@@ -32,7 +32,7 @@ def prompt_refusal(edit: Edit) -> str | None:
             return (f"a routed edit ({leaf.method}) picks a context per message with its scope classifier; "
                     "no static prompt reproduces that")
         if not isinstance(leaf, ContextEdit):
-            return f"a prompt holds context edits; this {describe_edit(edit)} contains a {leaf.kind} edit ({leaf.method})"
+            return f"a prompt holds context edits; {kind_phrase(edit, leaf)}"
     return None
 
 
@@ -42,7 +42,7 @@ def prompt_payload(edit: Edit, strength: float = 1.0) -> dict:
 
     reason = prompt_refusal(edit)
     if reason:
-        raise ExportError(f"this {describe_edit(edit)} cannot be a prompt: {reason}", formats_for(edit))
+        raise ExportError(f"this {describe_edit(edit)} cannot be a prompt: {reason}", formats_for(edit, annotated=True))
     systems: list[str] = []
     demonstrations: list[dict[str, str]] = []
     notes: list[str] = []
