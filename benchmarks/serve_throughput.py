@@ -129,28 +129,28 @@ def main() -> None:
     edits = fitted_edits(lm, args.edits_dir)
     count = lambda texts: sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)  # noqa: E731
 
+    app = create_app(lm, edits, max_batch=16, batch_wait_ms=args.batch_wait_ms)
+    server, base = start_server(app)
+    mixed_models = [METHODS[i % len(METHODS)] for i in range(len(prompts))]
     generate(lm, prompts[:2], max_new_tokens=4)  # warm-up
+    asyncio.run(concurrent(base, prompts[:2], ["default", "palette"], 4))
+    # The three set-ups take turns within each repeat, so that load from other jobs on a shared machine
+    # falls on all of them alike.
     plain_runs, plain_tokens = [], 0
+    measured = {label: ([], [], 0, 0, []) for label in ("4 edits", "no edit")}
     for _ in range(args.repeats):
         started = time.perf_counter()
         replies = generate(lm, prompts, max_new_tokens=args.new_tokens, batch_size=16)
         plain_runs.append(time.perf_counter() - started)
         plain_tokens = count(replies)
-
-    app = create_app(lm, edits, max_batch=16, batch_wait_ms=args.batch_wait_ms)
-    server, base = start_server(app)
-    mixed_models = [METHODS[i % len(METHODS)] for i in range(len(prompts))]
-    asyncio.run(concurrent(base, prompts[:2], ["default", "palette"], 4))  # warm-up
-    measured = {}
-    for label, models in (("4 edits", mixed_models), ("no edit", ["default"] * len(prompts))):
-        runs, firsts, tokens, usage = [], [], 0, 0
-        for _ in range(args.repeats):
+        for label, models in (("4 edits", mixed_models), ("no edit", ["default"] * len(prompts))):
+            runs, firsts, _, _, batches = measured[label]
             app.state.batcher.batch_sizes.clear()
             wall, results = asyncio.run(concurrent(base, prompts, models, args.new_tokens))
             runs.append(wall)
             firsts += [first for _, _, first in results if first is not None]
-            tokens, usage = count(text for text, _, _ in results), sum(n for _, n, _ in results)
-        measured[label] = (runs, firsts, tokens, usage, list(app.state.batcher.batch_sizes))
+            batches += app.state.batcher.batch_sizes
+            measured[label] = (runs, firsts, count(text for text, _, _ in results), sum(n for _, n, _ in results), batches)
     errors, good_status = asyncio.run(malformed(base, 100))
     server.should_exit = True
 
