@@ -508,7 +508,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(name, build, message, w
     started = time.perf_counter()
     code, out, err = run_cli(args, capsys)
     seconds = time.perf_counter() - started
-    assert code == 2, (name, code, err[-2000:])
+    assert code == 2 and out == "", (name, code, out[-500:], err[-2000:])
     assert err.startswith("error: ") and err.count("\n") == 1, (name, err[-2000:])
     assert "Traceback" not in err and message in err, (name, err)
     assert seconds < 20, (name, seconds)

@@ -19,7 +19,7 @@ class FakeJudge:
 def test_quick_suite_questions_come_from_the_test_split_only():
     questions = held_out_questions(SUITES["quick"])
     test_ids = {r["id"] for name in ("situational_questions", "neutral_questions") for r in records(name, "test")}
-    assert len(questions) == 4 * 5 + 12 and {q["id"] for q in questions} <= test_ids
+    assert {q["id"] for q in questions} == test_ids  # every held-out question, nothing else
 
 
 def test_suite_measures_base_and_edited_and_renders(lm):
@@ -34,9 +34,16 @@ def test_suite_measures_base_and_edited_and_renders(lm):
     assert report["shift"]["perplexity_ratio"] == pytest.approx(edited["perplexity"] / base["perplexity"])
     assert report["persona"] == {"extraversion": 1.0} and report["data"]["split"] == "test"
     assert any("edited" in s for s in stages)
+    effects = report["effects"]
+    assert set(effects["traits"]["target"]) == {"extraversion"} and "openness" in effects["traits"]["off_target"]
+    margin = effects["logprob_margin"]["extraversion"]
+    assert margin["n"] >= 60 and margin["low"] <= margin["mean"] <= margin["high"]
+    assert margin["verdict"] in ("moved", "moved the wrong way", "no measurable effect")
+    assert 0 <= edited["coherence"]["plausible_share"] <= 1 and edited["coherence"]["median_reply_perplexity"] > 1
     json.dumps(report)  # JSON-ready
     page = render_html(report)
     assert page.count("data:image/png;base64,") == 2 and "KL(base" in page
+    assert "log-prob margin: extraversion (target)" in page and margin["verdict"] in page
     assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
 
 

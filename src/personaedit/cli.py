@@ -596,6 +596,14 @@ def _print_eval_summary(report: dict[str, Any]) -> None:
     if "kl_to_base" in report:
         table.add_row("KL to base (neutral prompts)", "", f"{report['kl_to_base']:.4f}")
     stdout.print(table)
+    if "effects" in report:
+        from personaedit.eval.report import effect_rows
+
+        effects = Table("effect (edited − base, paired)", "mean [95% interval]", "n", "verdict",
+                        title="the edit's effects on held-out data (+ = towards the persona)")
+        for row in effect_rows(report["effects"]):
+            effects.add_row(*row)
+        stdout.print(effects)
 
 
 @app.command()

@@ -39,6 +39,20 @@ def _bar_chart(title: str, series: dict[str, dict[str, float]], ylabel: str, yli
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def effect_rows(effects: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(reading, mean [interval], n, verdict) for every effect of an eval report, in reading order."""
+    def row(label: str, e: dict[str, Any], spec: str = "+.3f") -> tuple[str, str, str, str]:
+        return label, f"{e['mean']:{spec}} [{e['low']:{spec}}, {e['high']:{spec}}]", str(e["n"]), e["verdict"]
+
+    rows = [row(f"judge: {dim} (target)", e) for dim, e in effects["traits"]["target"].items()]
+    rows += [row(f"log-prob margin: {dim} (target)", e) for dim, e in effects["logprob_margin"].items()]
+    rows += [row(f"judge: {dim} (off-target)", e) for dim, e in effects["traits"]["off_target"].items()]
+    rows.append(row("plausible replies (share, base model's perplexity)", effects["plausibility"]))
+    if "retention" in effects:
+        rows.append(row("capability retained (edited / base accuracy)", effects["retention"], ".3f"))
+    return rows
+
+
 def render_html(report: dict[str, Any]) -> str:
     conditions = report["conditions"]
     expression = {name: c["expression"]["mean_scores"] for name, c in conditions.items()}
@@ -53,6 +67,13 @@ def render_html(report: dict[str, Any]) -> str:
             f"<tr><td>{html.escape(name)}</td><td>{c['perplexity']:.2f}</td>"
             f"<td>{c['coherence']['coherent_share']:.0%}</td><td>{c['coherence']['mean_ngram_entropy']:.2f}</td></tr>"
         )
+    effects = ""
+    if "effects" in report:
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                       for r in effect_rows(report["effects"]))
+        effects = ("<h2>Effects</h2><p>Paired per-item differences (edited − base) on held-out data, + = towards the "
+                   "persona; the verdict is read from the 95% bootstrap interval, never from the mean.</p>"
+                   f"<table><tr><th>reading</th><th>mean [95% interval]</th><th>n</th><th>verdict</th></tr>{body}</table>")
     kl = f"<p>KL(base ‖ edited) of next-token distributions on neutral prompts: <b>{report['kl_to_base']:.4f}</b> nats</p>" \
         if "kl_to_base" in report else ""
     edit = report.get("edit")
@@ -76,6 +97,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 <p>Model <b>{html.escape(report['model']['spec'])}</b> ({html.escape(report['model']['model_type'])},
 fingerprint {html.escape(report['model']['fingerprint'])}) · suite <b>{html.escape(report['suite'])}</b> ·
 {edit_line} · {report['data']['questions']} held-out questions · {report['seconds']} s</p>
+{effects}
 {images}
 <p><small>{html.escape(MBTI_LEGEND)}</small></p>
 <h2>Capability</h2>

@@ -1,9 +1,12 @@
 """Evaluation suites: one model, optionally under edits, measured before and after on held-out data.
 
-quick: inventory self-report, trait expression on held-out situational questions (text judge),
-       coherence, perplexity on neutral text, KL to the base model on neutral prompts.
-full:  the same on every held-out question and paragraph, longer replies, plus robustness under a
-       system prompt that asks for the opposite pole.
+quick: inventory self-report, trait expression on every held-out question (text judge), coherence,
+       perplexity on neutral text, KL to the base model on neutral prompts, capability items; under an edit
+       also the effect protocol (eval/effect.py): each trait's paired effect with its bootstrap interval and
+       verdict, the log-probability margin of held-out pole texts, coherence as the base model's perplexity
+       of the replies, and capability retention.
+full:  the same with longer replies and more inventory items, plus robustness under a system prompt that
+       asks for the opposite pole.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from typing import Any, Callable
 
 from personaedit.data import records
 from personaedit.edits import ComposedEdit, Edit
+from personaedit.eval import readings
+from personaedit.eval.effect import effects_to_dict, mean_effect, paired_effect, paired_ratio, signed_logprob_changes, trait_effects
 from personaedit.errors import PersonaEditError
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import BIG_FIVE, Persona, describe
 
 SCHEMA = "personaedit-eval"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: effects (the effect protocol), capability, plausibility
 Progress = Callable[[str, int, int], None]
 
 
@@ -31,10 +36,11 @@ class SuiteConfig:
     perplexity_texts: int | None
     inventory_items_per_facet: int
     robustness: bool
+    capability_items: int | None = None  # None: every test item; 0: none
 
 
 SUITES = {
-    "quick": SuiteConfig(questions_per_trait=4, neutral_questions=12, max_new_tokens=48, perplexity_texts=8,
+    "quick": SuiteConfig(questions_per_trait=None, neutral_questions=None, max_new_tokens=48, perplexity_texts=8,
                          inventory_items_per_facet=1, robustness=False),
     "full": SuiteConfig(questions_per_trait=None, neutral_questions=None, max_new_tokens=60, perplexity_texts=None,
                         inventory_items_per_facet=4, robustness=True),
@@ -95,16 +101,28 @@ def run_suite(
     def stage(name: str) -> Callable[[int, int], None]:
         return lambda done, total: on_progress(name, done, total) if on_progress else None
 
+    margin = readings.margin_items(list(persona.as_dict())) if persona else []
+    capability = _capability_items(config)
+    replies_of: dict[str, list[str]] = {}
+    per_item: dict[str, dict[str, list[float]]] = {}
+
     def measure(label: str) -> dict[str, Any]:
         replies = generate(lm, prompts, max_new_tokens=config.max_new_tokens, on_batch=stage(f"{label}: replies"))
-        scores = judge.score(replies)
+        replies_of[label] = replies
+        scores, unscorable = _assess(judge, replies)
+        per_item[label] = {
+            "margin": readings.text_logprobs(lm, margin, on_progress=stage(f"{label}: log-prob margin")),
+            "capability": readings.capability_correct(lm, capability, on_progress=stage(f"{label}: capability")),
+        }
         result: dict[str, Any] = {
             "inventory": inventory.run_inventory(lm, items_per_facet=config.inventory_items_per_facet,
                                                  on_progress=stage(f"{label}: inventory")).to_dict(),
             "expression": _expression(questions, replies, scores),
-            "coherence": _coherence(replies, metrics),
+            "coherence": {**_coherence(replies, metrics), "unscorable_share": _share(unscorable)},
             "perplexity": metrics.perplexity(lm, texts),
         }
+        if capability:
+            result["capability"] = {"accuracy": _share(per_item[label]["capability"]), "items": len(capability)}
         if config.robustness and persona is not None:
             opposite = describe(persona.scaled(-1))
             conflicted = generate(lm, prompts, system=opposite, max_new_tokens=config.max_new_tokens,
@@ -133,9 +151,65 @@ def run_suite(
             edited_next = metrics.next_token_logprobs(lm, neutral_prompts)
         report["kl_to_base"] = metrics.kl_to_base([base_next], [edited_next])
         report["shift"] = _shift(conditions["base"], conditions["edited"])
+    # The base model's perplexity of every reply, edited ones included: outside the edit.
+    reply_ppl = {label: readings.reply_perplexities(lm, prompts, replies, on_progress=stage(f"{label}: plausibility"))
+                 for label, replies in replies_of.items()}
+    for label, values in reply_ppl.items():
+        conditions[label]["coherence"].update(_plausibility(values))
+    if edit is not None:
+        report["effects"] = _effects(persona, conditions, per_item, margin, reply_ppl)
     report["conditions"] = conditions
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def _capability_items(config: SuiteConfig) -> list[dict[str, Any]]:
+    if config.capability_items == 0:
+        return []
+    try:
+        return readings.capability_items("test", config.capability_items)
+    except PersonaEditError:  # an installation without the capability set measures the rest
+        return []
+
+
+def _assess(judge: Any, replies: list[str]) -> tuple[list[dict[str, float]], list[float]]:
+    """Judge scores and, where the judge flags degenerate text, which replies it could not score."""
+    assess = getattr(judge, "assess", None)
+    if assess is None:
+        return judge.score(replies), [0.0] * len(replies)
+    assessed = assess(replies)
+    return [a.scores for a in assessed], [float(a.unscorable) for a in assessed]
+
+
+def _share(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _plausibility(perplexities: list[float]) -> dict[str, float]:
+    finite = sorted(p for p in perplexities if p == p)
+    return {
+        "median_reply_perplexity": finite[len(finite) // 2] if finite else float("nan"),
+        "plausible_share": _share([float(readings.plausible(p)) for p in perplexities]),
+    }
+
+
+def _effects(persona: Persona | None, conditions: dict[str, Any], per_item: dict[str, dict[str, list[float]]],
+             margin: list[Any], reply_ppl: dict[str, list[float]]) -> dict[str, Any]:
+    """The effect protocol's readings of base vs edited, each paired per item with its interval and verdict."""
+    levels = persona.as_dict() if persona else {}
+    base_scores = [r["scores"] for r in conditions["base"]["expression"]["replies"]]
+    edited_scores = [r["scores"] for r in conditions["edited"]["expression"]["replies"]]
+    effects: dict[str, Any] = {"traits": effects_to_dict(trait_effects(levels, base_scores, edited_scores))}
+    changes = signed_logprob_changes(per_item["base"]["margin"], per_item["edited"]["margin"], [m.pole for m in margin])
+    effects["logprob_margin"] = {
+        dim: mean_effect([c for c, m in zip(changes, margin) if m.dimension == dim], seed=1).to_dict()
+        for dim in levels}
+    plausible = {label: [float(readings.plausible(p)) for p in values] for label, values in reply_ppl.items()}
+    effects["plausibility"] = paired_effect(plausible["base"], plausible["edited"], seed=2).to_dict()
+    if per_item["base"]["capability"]:
+        effects["retention"] = paired_ratio(per_item["base"]["capability"], per_item["edited"]["capability"],
+                                            seed=3).to_dict()
+    return effects
 
 
 def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
