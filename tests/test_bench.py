@@ -2,7 +2,7 @@ import pytest
 
 from personaedit.bench import expand_grid, parse_method_options, parse_personas, parse_strengths, run_bench, select_methods
 from personaedit.bench.grid import needs_no_extra_input
-from personaedit.bench.measure import BENCH_SUITES, BenchSuite
+from personaedit.bench.measure import BENCH_SUITES, BenchSuite, held_out_prompts
 from personaedit.bench.report import summarise, write_report
 from personaedit.bench.store import ResultStore
 from personaedit.errors import PersonaEditError
@@ -93,6 +93,12 @@ def test_bench_runs_a_grid_resumes_after_an_interruption_and_reports(lm, tmp_pat
     assert len(summary["dose_response"]) == 4
     zero = [c for c in summary["cells"] if c["strength"] == 0]
     assert all(c["shift"] == 0 and c["kl_to_base"] == 0 for c in zero)
+    # strength 0 replies equal the base replies: a zero effect with a point interval, no measurable effect
+    assert all(c["effect"]["mean"] == 0 and c["effect"]["verdict"] == "no measurable effect" for c in zero)
+    assert all(c["effect"]["n"] == len(held_out_prompts(BENCH_SUITES["quick"])[0]) for c in summary["cells"])
+    steer = summary["methods"]["steer"]
+    assert steer["measured"] == 2 and steer["moved_right_way"] == sum(
+        c["effect"]["verdict"] == "moved" for c in summary["cells"] if c["method"] == "steer" and c["strength"] == 1)
     written = write_report(tmp_path)
     assert "| steer | 1 |" in written["markdown"].read_text()
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"shift.png", "dose_response.png", "tradeoff.png"}

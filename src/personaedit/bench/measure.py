@@ -79,6 +79,7 @@ def measure_condition(lm: LoadedModel, judge: Any, suite: BenchSuite, persona: P
     stage("perplexity")
     result: dict[str, Any] = {
         "scores": _mean(scores),
+        "item_scores": scores,  # per question, in prompt order: effects are paired differences over these
         "coherent_share": sum(map(metrics.is_coherent, replies)) / len(replies),
         "mean_ngram_entropy": sum(map(metrics.ngram_entropy, replies)) / len(replies),
         "perplexity": metrics.perplexity(lm, neutral_texts(suite)),

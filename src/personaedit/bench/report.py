@@ -17,7 +17,9 @@ from personaedit.bench.runner import BASE
 from personaedit.bench.store import ResultStore
 from personaedit.eval.metrics import pearson, spearman
 from personaedit.fileio import atomic_path, write_json_atomic, write_text_atomic
-from personaedit.persona import MBTI_LEGEND
+from personaedit.bench.measure import towards
+from personaedit.eval.effect import MOVED, WRONG_WAY, paired_effect
+from personaedit.persona import MBTI_LEGEND, Persona
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -39,6 +41,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "robust_towards": r.get("robust_towards"),
             "robust_gain": (r["robust_towards"] - ref["robust_towards"]) if "robust_towards" in r and ref else None,
             "fit_seconds": (r.get("fit") or {}).get("seconds"),
+            "effect": _cell_effect(base, r),
             "fit_peak_mb": (r.get("fit") or {}).get("peak_mb_above_start"),
         })
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -54,7 +57,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         methods[method] = {
             "strength": default,
             "personas": len(at),
-            "moved_right_way": sum(c["shift"] > 0 for c in at),
+            "measured": sum(c["effect"] is not None for c in at),
+            "moved_right_way": sum((c["effect"] or {}).get("verdict") == MOVED for c in at),
+            "moved_wrong_way": sum((c["effect"] or {}).get("verdict") == WRONG_WAY for c in at),
             "mean_shift": _mean([c["shift"] for c in at]),
             "coherent_share": _mean([c["coherent_share"] for c in at]),
             "perplexity_ratio": _mean([c["perplexity_ratio"] for c in at]),
@@ -72,6 +77,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"base": {"perplexity": base["perplexity"], "coherent_share": base["coherent_share"],
                      "scores": base["scores"]},
             "cells": cells, "methods": methods, "dose_response": dose}
+
+
+def _cell_effect(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The effect protocol on one cell: per question, the score towards the persona, edited − base, with its
+    bootstrap interval and verdict. None for rows stored before per-question scores were kept."""
+    if "item_scores" not in base or "item_scores" not in row or len(base["item_scores"]) != len(row["item_scores"]):
+        return None
+    persona = Persona.parse(row["persona"])
+    return paired_effect([towards(persona, s) for s in base["item_scores"]],
+                         [towards(persona, s) for s in row["item_scores"]]).to_dict()
 
 
 def _mean(values: list[float]) -> float | None:
@@ -93,10 +108,12 @@ def markdown(summary: dict[str, Any]) -> str:
     if not summary["cells"]:
         return ("No finished cells yet: this bench folder holds no measured method (run `personaedit bench` "
                 "with this --out to fill it; it resumes).\n")
-    lines = ["| method | strength | personas moved the right way | mean shift | coherent | perplexity × | KL | "
-             "robustness gain | fit s | fit peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | strength | personas moved (interval above 0) | moved the wrong way | mean shift | coherent | "
+             "perplexity × | KL | robustness gain | fit s | fit peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
-        lines.append(f"| {method} | {m['strength']:g} | {m['moved_right_way']}/{m['personas']} | {_fmt(m['mean_shift'])} | "
+        measured = m.get("measured", 0)
+        lines.append(f"| {method} | {m['strength']:g} | {m['moved_right_way']}/{measured} | {m['moved_wrong_way']}/{measured} | "
+                     f"{_fmt(m['mean_shift'])} | "
                      f"{_fmt(m['coherent_share'], '.0%')} | {_fmt(m['perplexity_ratio'], '.3f')} | "
                      f"{_fmt(m['kl_to_base'], '.4f')} | {_fmt(m['robust_gain'])} | {_fmt(m['fit_seconds'], '.1f')} | "
                      f"{_fmt(m['fit_peak_mb'], '.0f')} |")
@@ -105,9 +122,13 @@ def markdown(summary: dict[str, Any]) -> str:
         for d in summary["dose_response"]:
             lines.append(f"| {d['method']} | {d['persona']} | {', '.join(f'{x:g}' for x in d['strengths'])} | "
                          f"{', '.join(f'{y:+.2f}' for y in d['towards'])} | {d['spearman']:+.2f} | {d['pearson']:+.2f} |")
-    lines += ["", "| method | persona | strength | towards | shift | coherent | perplexity × | KL |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | persona | strength | towards | effect [95% interval] | verdict | coherent | perplexity × | KL |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in summary["cells"]:
-        lines.append(f"| {c['method']} | {c['persona']} | {c['strength']:g} | {c['towards']:+.3f} | {c['shift']:+.3f} | "
+        e = c.get("effect")
+        effect = f"{e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]" if e else f"{c['shift']:+.3f} (no interval)"
+        lines.append(f"| {c['method']} | {c['persona']} | {c['strength']:g} | {c['towards']:+.3f} | {effect} | "
+                     f"{e['verdict'] if e else '–'} | "
                      f"{c['coherent_share']:.0%} | {c['perplexity_ratio']:.3f} | {c['kl_to_base']:.4f} |")
     return "\n".join(lines) + "\n"
 
