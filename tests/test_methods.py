@@ -206,6 +206,10 @@ def test_demo_shows_each_family_side_by_side_with_judge_scores(lm, tmp_path):
     assert set(result.fit_seconds) == set(result.columns) - {"plain model"}
     judged = FakeJudge().score(result.columns["prompt (context)"])
     assert result.scores["prompt (context)"] == [s["extraversion"] for s in judged]
+    effect = result.effect("prompt (context)")
+    plain = result.scores["plain model"]
+    assert result.effect("plain model") is None and effect.n == 2
+    assert effect.mean == pytest.approx(sum(e - p for e, p in zip(result.scores["prompt (context)"], plain)) / 2)
     page = write_demo_html(result, lm.spec, tmp_path / "demo.html").read_text()
-    assert "data:image/png;base64," in page and page.count("<tr>") == 3
+    assert "data:image/png;base64," in page and page.count("<tr>") == 3 and effect.verdict in page
     assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())

@@ -688,12 +688,16 @@ def demo(
     table.add_column("question", ratio=2, style="bold")
     for title in result.columns:
         fit = f"\nfit {result.fit_seconds[title]:.0f} s" if title in result.fit_seconds else ""
-        table.add_column(f"{title}\njudge {result.mean_score(title):+.2f}{fit}", ratio=3)
+        effect = result.effect(title)
+        moved = f"\neffect {effect.describe('+.2f')}\n{effect.verdict}" if effect else ""
+        table.add_column(f"{title}\njudge {result.mean_score(title):+.2f}{moved}{fit}", ratio=3)
     for row, question in enumerate(result.questions):
         table.add_row(_escape(question), *(f"{_escape(replies[row])} [dim]({result.scores[t][row]:+.2f})[/dim]"
                                            for t, replies in result.columns.items()))
     stdout.print(table)
-    stdout.print("judge: the offline text judge's score of each reply towards the persona (-1 … +1)")
+    stdout.print("judge: the offline text judge's score of each reply towards the persona (-1 … +1); effect: per question, "
+                 f"the column's score − the plain model's, with its 95% bootstrap interval over {len(result.questions)} "
+                 "question(s) (few questions: a wide interval; `personaedit eval` measures on every held-out question)")
     write_demo_html(result, lm.spec, html_path)
     err.print(f"html -> {html_path}")
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from personaedit.bench.measure import towards
 from personaedit.data import records
+from personaedit.eval.effect import Effect, paired_effect
 from personaedit.fileio import write_text_atomic
 from personaedit.methods import fit_edit
 from personaedit.methods.registry import all_methods
@@ -21,6 +22,7 @@ from personaedit.persona import Persona
 
 # Method -> fit options that keep the demo within a few minutes on a laptop CPU (fits are cached on disk
 # where the method caches its activations; the method's own defaults apply to everything not named here).
+PLAIN = "plain model"
 DEMO_METHODS: dict[str, dict[str, Any]] = {
     "prompt": {},
     "steer": {"pairs": 128},
@@ -40,6 +42,13 @@ class DemoResult:
     def mean_score(self, title: str) -> float:
         values = self.scores.get(title, [])
         return sum(values) / len(values) if values else float("nan")
+
+    def effect(self, title: str) -> Effect | None:
+        """The column's effect by the protocol eval and bench use: per question, score − the plain model's, with
+        its bootstrap interval (wide with a demo's few questions) and verdict. None for the plain model."""
+        if title == PLAIN or title not in self.scores or PLAIN not in self.scores:
+            return None
+        return paired_effect(self.scores[PLAIN], self.scores[title])
 
 
 def demo_questions(persona: Persona, count: int = 3) -> list[str]:
@@ -68,8 +77,8 @@ def run_demo(
     chosen = {m: o for m, o in (methods if methods is not None else DEMO_METHODS).items() if m in registered}
     judge = judge or TextJudge.load()
     result = DemoResult(persona, questions, {})
-    step("plain model")
-    result.columns["plain model"] = generate(lm, questions, max_new_tokens=max_new_tokens)
+    step(PLAIN)
+    result.columns[PLAIN] = generate(lm, questions, max_new_tokens=max_new_tokens)
     for name, options in chosen.items():
         title = f"{name} ({registered[name].family})"
         step(f"fitting {name}")
@@ -106,9 +115,14 @@ def _score_chart(result: DemoResult) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _effect_text(effect: Effect) -> str:
+    return f"{effect.describe('+.2f')} {effect.verdict}"
+
+
 def render_demo_html(result: DemoResult, model_spec: str) -> str:
     titles = list(result.columns)
     head = "".join(f"<th>{html.escape(t)}<br><small>mean score {result.mean_score(t):+.2f}"
+                   + (f"<br>effect {_effect_text(result.effect(t))}" if result.effect(t) else "")
                    + (f" · fit {result.fit_seconds[t]:.0f} s" if t in result.fit_seconds else "") + "</small></th>"
                    for t in titles)
     rows = "".join(
