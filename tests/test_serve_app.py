@@ -50,9 +50,9 @@ async def _get(app, path):
 def test_concurrent_requests_with_different_edits_run_as_one_batch_and_match_alone(app):
     models = ["default", *EDITS]
     alone = [post(app, _chat(m)).json() for m in models]
-    assert app.state.batcher.batch_sizes == [1] * len(models)
+    assert list(app.state.batcher.admissions) == [1] * len(models)
     together = [r.json() for r in asyncio.run(_post_all(app, [_chat(m) for m in models]))]
-    assert app.state.batcher.batch_sizes[-1] == len(models)
+    assert app.state.batcher.admissions[-1] == len(models)
     for single, mixed in zip(alone, together):
         assert mixed["choices"][0]["message"] == single["choices"][0]["message"]
         assert mixed["usage"] == single["usage"]

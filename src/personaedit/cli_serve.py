@@ -62,9 +62,10 @@ def serve(
     edit: List[str] = typer.Option([], "--edit", "-e", help="NAME=DIR[:STRENGTH]: serve an edit as model NAME (repeatable)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests generated together in one batch."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests decoding together in one batch."),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0.0,
-                                        help="How long the first request of a batch waits for others to join it."),
+                                        help="An idle server gathers requests while each arrives within this "
+                                             "of the previous one (at most 10x this); later ones join between steps."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="New tokens for a request that does not say."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: by device)."),

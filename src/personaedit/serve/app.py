@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app: /v1/models, /v1/chat/completions, /v1/completions (streaming or not).
 
-Handlers turn a request into rows (token ids + edit + sampling settings) for the micro-batcher and turn
+Handlers turn a request into rows (token ids + edit + sampling settings) for the batcher and turn
 what the rows produce into OpenAI-shaped JSON or server-sent events. Every refusal is an OpenAI-style
 JSON error (`{"error": {"message", "type", "param", "code"}}`) and never stops the server.
 """
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from personaedit.edits import Edit
 from personaedit.models.generation import render_chat
 from personaedit.models.loading import LoadedModel
-from personaedit.serve.batcher import MicroBatcher
+from personaedit.serve.batcher import ContinuousBatcher
 from personaedit.serve.catalog import EditCatalog, RequestError
 from personaedit.serve.decode import Outcome, RowRequest
 from personaedit.serve.rowwise import conversation
@@ -97,7 +97,7 @@ def create_app(lm: LoadedModel, edits: Mapping[str, tuple[Edit, float]] | None =
     """An app serving `lm` with `edits` (name -> (edit, default strength)) and personas fitted on request."""
     model_lock = threading.Lock()
     catalog = EditCatalog(lm, edits or {}, model_lock=model_lock, fit_options=fit_options)
-    batcher = MicroBatcher(lm, max_batch=max_batch, wait_s=batch_wait_ms / 1000.0, model_lock=model_lock)
+    batcher = ContinuousBatcher(lm, max_batch=max_batch, wait_s=batch_wait_ms / 1000.0, model_lock=model_lock)
     position_limit = getattr(lm.model.config, "n_positions", None)  # learned absolute positions (GPT-2)
 
     @contextlib.asynccontextmanager

@@ -1,13 +1,13 @@
 """Generate for a batch of requests at once, each row with its own edit, sampling settings and stops.
 
-One left-padded prefill, then one token per step for every row from the KV cache, until each row has
-stopped (an end-of-turn token, a stop string, its `max_tokens`, or its client went away). Text is handed
-out as it grows, holding back what could still become a stop string or an incomplete character.
+A `RunningBatch` prefills requests (left-padded), then takes one token per step for every row from the KV
+cache. Each row stops on an end-of-turn token, a stop string, its `max_tokens`, or its client going away,
+and leaves the batch then; new requests can join between steps. Text is handed out as it grows, holding
+back what could still become a stop string or an incomplete character.
 """
 
 from __future__ import annotations
 
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 import torch
 
 from personaedit.models.generation import ensure_pad_token, position_ids, stop_token_ids
+from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.loading import LoadedModel
+from personaedit.serve import kvrows
 from personaedit.serve.rowwise import PreparedEdit, row_edits
 
 
@@ -57,11 +59,7 @@ class _Row:
     text: str = ""
     finish: str | None = None
     generator: torch.Generator | None = None
-
-
-def _cache_argument(model) -> str:
-    """transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    outcome: Outcome | None = None  # set when the row leaves the batch
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -112,42 +110,114 @@ class _Decoder:
         row.emitted = max(row.emitted, ready)
 
 
+class RunningBatch:
+    """Rows decoding together, one token per `step`. Requests can join between steps (`admit`: their
+    prompts are prefilled on their own, then their cache rows join the batch's) and each row leaves as soon
+    as it stops, answering its request then; a row computes the same whoever shares the batch with it."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.decoder = _Decoder(lm)
+        self.pad = ensure_pad_token(lm.tokenizer)
+        self.cache_arg = cache_argument(lm.model)
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, cache columns]: 1 on each row's real tokens
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def can_admit(self) -> bool:
+        """Whether requests can join now (always when idle; while decoding, when the cache allows it)."""
+        return not self.rows or kvrows.joinable(self.cache)
+
+    def admit(self, requests: Sequence[RowRequest]) -> list[_Row]:
+        """Prefill `requests` in one left-padded forward pass, take each one's first token, add them to the batch."""
+        rows = [_Row(request, generator=_generator(request, self.lm.device)) for request in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = [[self.pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests]
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                            device=self.lm.device)
+        output = self._forward(rows, torch.tensor(ids, device=self.lm.device), mask, position_ids(mask), logits_to_keep=1)
+        self._advance(rows, output.logits[:, -1, :])  # before joining: if this fails, the batch is untouched
+        if self.rows:
+            self.cache, self.mask = kvrows.join(self.cache, self.mask, cache_of(output), mask)
+        else:
+            self.cache, self.mask = cache_of(output), mask
+        self.rows += rows
+        self._leave()
+        return rows
+
+    def step(self) -> None:
+        """One new token for every row."""
+        tokens = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.lm.device)
+        positions = self.mask.sum(1, keepdim=True)  # a row's next position is its count of real tokens so far
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        output = self._forward(self.rows, tokens, self.mask, positions, **{self.cache_arg: self.cache})
+        self.cache = cache_of(output)
+        self._advance(self.rows, output.logits[:, -1, :])
+        self._leave()
+
+    def _forward(self, rows: Sequence[_Row], ids, mask, positions, **extra):
+        # The per-row hooks are installed for each pass: the rows (and so who gets which edit) change.
+        with torch.no_grad(), row_edits(self.lm, [row.request.edit for row in rows]):
+            return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+
+    def _advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
+        """Give each of `rows` its next token from its row of `logits`."""
+        logits = logits.float()
+        greedy = logits.argmax(-1).tolist()
+        for index, row in enumerate(rows):
+            self.decoder.advance(row, greedy[index] if row.request.greedy else _sample(logits[index], row))
+
+    def _leave(self) -> None:
+        """Rows that stopped answer their request and leave the batch and its cache."""
+        if all(not row.finish for row in self.rows):
+            return
+        staying = [i for i, row in enumerate(self.rows) if not row.finish]
+        for row in self.rows:
+            if row.finish:
+                _answer(row)
+        if staying:
+            self.cache, self.mask = kvrows.keep_rows(self.cache, self.mask, staying)
+        else:
+            self.cache, self.mask = None, None
+        self.rows = [self.rows[i] for i in staying]
+
+    def fail(self, message: str) -> None:
+        """Answer every row with `message` as its error and empty the batch."""
+        for row in self.rows:
+            fail_request(row.request, message)
+        self.rows, self.cache, self.mask = [], None, None
+
+
+def _generator(request: RowRequest, device) -> torch.Generator | None:
+    if request.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+    return generator
+
+
+def _outcome(row: _Row) -> Outcome:
+    return Outcome(row.text, row.finish or "stop", len(row.request.prompt_ids), len(row.tokens), token_ids=row.tokens)
+
+
+def _answer(row: _Row) -> None:
+    row.outcome = _outcome(row)
+    if row.request.on_done is not None:
+        row.request.on_done(row.outcome)
+
+
+def fail_request(request: RowRequest, message: str) -> None:
+    if request.on_done is not None:
+        request.on_done(Outcome("", "stop", len(request.prompt_ids), 0, error=message))
+
+
 def generate_rows(lm: LoadedModel, requests: Sequence[RowRequest]) -> list[Outcome]:
-    """Generate every request in one batch; each row's outcome is also passed to its `on_done`."""
-    decoder = _Decoder(lm)
-    device = lm.device
-    rows = [_Row(r) for r in requests]
-    for row in rows:
-        if not row.request.greedy:
-            row.generator = torch.Generator(device=device)
-            row.generator.manual_seed(row.request.seed if row.request.seed is not None else random.getrandbits(63))
-    pad = ensure_pad_token(lm.tokenizer)
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests], device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=device)
-    positions = position_ids(mask)
-    cache_arg = _cache_argument(lm.model)
-    with torch.no_grad(), row_edits(lm, [r.edit for r in requests]):
-        output = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        while True:
-            logits = output.logits[:, -1, :].float()
-            greedy = logits.argmax(-1).tolist()
-            step = []
-            for index, row in enumerate(rows):
-                token = pad if row.finish else greedy[index] if row.request.greedy else _sample(logits[index], row)
-                if not row.finish:
-                    decoder.advance(row, token)
-                step.append(token)
-            if all(row.finish for row in rows):
-                break
-            cache = output.cache if hasattr(output, "cache") else output.past_key_values
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            output = lm.model(input_ids=torch.tensor(step, device=device).unsqueeze(1), attention_mask=mask,
-                              position_ids=positions, use_cache=True, **{cache_arg: cache})
-    outcomes = [Outcome(row.text, row.finish or "stop", len(row.request.prompt_ids), len(row.tokens), token_ids=row.tokens)
-                for row in rows]
-    for row, outcome in zip(rows, outcomes):
-        if row.request.on_done is not None:
-            row.request.on_done(outcome)
-    return outcomes
+    """Generate every request in one batch; each row's outcome is also passed to its `on_done` when it stops."""
+    batch = RunningBatch(lm)
+    rows = batch.admit(requests)
+    while batch:
+        batch.step()
+    return [row.outcome for row in rows]
