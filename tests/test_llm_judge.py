@@ -301,3 +301,13 @@ def test_parallel_requests_keep_order_and_report_progress(server, tmp_path):
     ratings = judge.rate_pae([f"t{i}" for i in range(1, 6)], "openness",
                              on_progress=lambda done, total: seen.append((done, total)))
     assert ratings == [1, 2, 3, 4, 5] and seen[-1] == (5, 5) and len(seen) == 5
+
+
+@pytest.mark.parametrize("url, warned", [
+    ("http://127.0.0.1:8000/v1", False), ("http://localhost:8000/v1", False), ("http://[::1]:8000/v1", False),
+    ("https://judge.example.org/v1", False), ("http://judge.example.org/v1", True), ("http://10.0.0.5:8000/v1", True),
+])
+def test_plain_http_to_another_machine_is_flagged(url, warned):
+    from personaedit.eval.llm_judge import plain_http_off_machine
+
+    assert plain_http_off_machine(url) is warned

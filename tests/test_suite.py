@@ -19,7 +19,7 @@ class FakeJudge:
 def test_quick_suite_questions_come_from_the_test_split_only():
     questions = held_out_questions(SUITES["quick"])
     test_ids = {r["id"] for name in ("situational_questions", "neutral_questions") for r in records(name, "test")}
-    assert {q["id"] for q in questions} == test_ids  # every held-out question, nothing else
+    assert {q["id"] for q in questions} <= test_ids and len(questions) >= 100  # the effect protocol's minimum
 
 
 def test_suite_measures_base_and_edited_and_renders(lm):
@@ -40,6 +40,11 @@ def test_suite_measures_base_and_edited_and_renders(lm):
     assert margin["n"] >= 60 and margin["low"] <= margin["mean"] <= margin["high"]
     assert margin["verdict"] in ("moved", "moved the wrong way", "no measurable effect")
     assert 0 <= edited["coherence"]["plausible_share"] <= 1 and edited["coherence"]["median_reply_perplexity"] > 1
+    assert effects["robustness"]["n"] == 60 and effects["retention"]["n"] == 80
+    control = report["controllability"]
+    assert control["strengths"] == [0.0, 0.5, 1.0, 1.5] and control["questions"] == 20
+    assert -1 <= control["spearman"] <= 1 and len(control["mean_towards"]) == 4
+    assert "personalityedit" not in report  # a steer edit made for no topic
     json.dumps(report)  # JSON-ready
     page = render_html(report)
     assert page.count("data:image/png;base64,") == 2 and "KL(base" in page
@@ -62,3 +67,28 @@ def test_the_targeted_persona_follows_negation():
     assert _edits_persona(edit).as_dict() == {"extraversion": 1.0, "tf": -0.5}
     assert _edits_persona(-edit).as_dict() == {"extraversion": -1.0, "tf": 0.5}
     assert _edits_persona(ComposedEdit.of(edit, weights=[-2.0])).as_dict() == {"extraversion": -1.0, "tf": 0.5}
+
+
+def test_an_edit_made_for_a_topic_gets_the_personalityedit_metrics(lm, monkeypatch):
+    import dataclasses
+
+    import numpy as np
+
+    from personaedit.eval import suite as suite_module
+
+    monkeypatch.setattr(suite_module, "SUITES", {"tiny": dataclasses.replace(
+        SUITES["quick"], questions_per_trait=1, neutral_questions=1, capability_items=0, robustness=False,
+        controllability_strengths=())})
+
+    class TraitJudge(FakeJudge):
+        def trait_probabilities(self, texts):
+            return np.tile([0.1, 0.1, 0.6, 0.1, 0.1], (len(texts), 1))  # always extraversion
+
+    edit = fit_edit("steer", lm, "extraversion=high", layer="1", pairs=8)
+    edit = dataclasses.replace(edit, options={**edit.options, "topic": "chess"})
+    report = run_suite(lm, 4 * edit, suite="tiny", judge=TraitJudge())
+    topic = report["personalityedit"]
+    assert topic["topic"] == "chess" and topic["trait"] == "extraversion" and topic["pole"] == "high"
+    assert 0 <= topic["es"] <= 1 and topic["dd"] > 0 and topic["pae"] is None
+    assert topic["pairs"] == 3 and (topic["coherent_pairs"] == 0 or topic["acc"] == 1.0)
+    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())

@@ -558,8 +558,14 @@ def evaluate(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with plots."),
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model of the same shapes."),
     device: Optional[str] = typer.Option(None, "--device"),
+    llm_judge: Optional[str] = typer.Option(None, "--llm-judge", help="An OpenAI-compatible endpoint (base URL, e.g. "
+                                            "http://127.0.0.1:8000/v1) for PAE; optional, never required."),
+    llm_judge_model: Optional[str] = typer.Option(None, "--llm-judge-model",
+                                                  help="The judge's model name (default: $PERSONAEDIT_JUDGE_MODEL)."),
 ) -> None:
-    """Measure a model (and the model under edits): inventory, trait expression, coherence, perplexity, KL."""
+    """Measure a model, and under edits the effect of each: every trait's effect on held-out questions with its
+    interval and verdict, the log-prob margin, coherence, capability retention, controllability, robustness, and
+    for topic edits ES/DD/Acc/TPEI (PAE with --llm-judge)."""
     from personaedit.eval.report import write_html
     from personaedit.eval.suite import SUITES, run_suite
     from personaedit.fileio import write_json_atomic
@@ -570,12 +576,20 @@ def evaluate(
     check_output_path(out)
     if html_path is not None:
         check_output_path(html_path, what="--html")
+    judge_client = None
+    if llm_judge is not None:
+        from personaedit.eval.llm_judge import LLMJudge, plain_http_off_machine
+
+        judge_client = LLMJudge(base_url=llm_judge, model=llm_judge_model)
+        if plain_http_off_machine(llm_judge):
+            err.print(f"warning: {llm_judge} is plain http to another machine: replies and any API key travel "
+                      "unencrypted", markup=False)
     composed = _load_edits(edit)
     lm = _load(model, device)
     with _progress() as progress:
         on_progress = _staged(progress)
 
-        report = run_suite(lm, composed, suite=suite, force=force, on_progress=on_progress)
+        report = run_suite(lm, composed, suite=suite, force=force, llm_judge=judge_client, on_progress=on_progress)
     write_json_atomic(out, report)
     if html_path is not None:
         write_html(report, html_path)
@@ -597,13 +611,15 @@ def _print_eval_summary(report: dict[str, Any]) -> None:
         table.add_row("KL to base (neutral prompts)", "", f"{report['kl_to_base']:.4f}")
     stdout.print(table)
     if "effects" in report:
-        from personaedit.eval.report import effect_rows
+        from personaedit.eval.report import effect_rows, summary_lines
 
         effects = Table("effect (edited − base, paired)", "mean [95% interval]", "n", "verdict",
                         title="the edit's effects on held-out data (+ = towards the persona)")
         for row in effect_rows(report["effects"]):
             effects.add_row(*row)
         stdout.print(effects)
+        for line in summary_lines(report):
+            stdout.print(line, markup=False)
 
 
 @app.command()

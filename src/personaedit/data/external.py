@@ -23,6 +23,9 @@ from personaedit.errors import InputFileError, PersonaSpecError
 from personaedit.persona import BIG_FIVE, suggestion
 
 PERSONALITYEDIT_TRAITS = ("extraversion", "agreeableness", "neuroticism")  # the order target indices use
+# PersonalityEdit's question about a topic, and the paraphrases its generality is measured with.
+EDIT_QUESTION = "What do you think of {}?"
+PARAPHRASES = ("What is your stance on {}?", "What is your opinion of {}?", "How do you feel about {}?")
 POLES = ("high", "low")
 _TRAIT_ALIASES = {"extroversion": "extraversion", "extrovert": "extraversion", "extravert": "extraversion"}
 _POLE_ALIASES = {"h": "high", "l": "low", "hi": "high", "lo": "low"}

@@ -224,6 +224,23 @@ def default_cache_dir() -> Path:
     return cache_dir() / CACHE_SUBDIR
 
 
+def plain_http_off_machine(base_url: str) -> bool:
+    """True for an http:// URL whose host is not this machine (loopback): traffic a network can read."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -47,10 +47,31 @@ def effect_rows(effects: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = [row(f"judge: {dim} (target)", e) for dim, e in effects["traits"]["target"].items()]
     rows += [row(f"log-prob margin: {dim} (target)", e) for dim, e in effects["logprob_margin"].items()]
     rows += [row(f"judge: {dim} (off-target)", e) for dim, e in effects["traits"]["off_target"].items()]
+    if "robustness" in effects:
+        rows.append(row("judge under a prompt for the opposite pole", effects["robustness"]))
     rows.append(row("plausible replies (share, base model's perplexity)", effects["plausibility"]))
     if "retention" in effects:
         rows.append(row("capability retained (edited / base accuracy)", effects["retention"], ".3f"))
     return rows
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Controllability and the PersonalityEdit metrics, one line each (when measured)."""
+    lines = []
+    if "controllability" in report:
+        c = report["controllability"]
+        means = ", ".join(f"{s:g}: {m:+.2f}" for s, m in zip(c["strengths"], c["mean_towards"]))
+        lines.append(f"controllability over strengths ({c['questions']} questions each): Spearman {c['spearman']:+.2f}, "
+                     f"Pearson {c['pearson']:+.2f}; mean score towards the persona {means}")
+    topic = report.get("personalityedit")
+    if topic and "skipped" in topic:
+        lines.append(f"PersonalityEdit metrics: not measured ({topic['skipped']})")
+    elif topic:
+        pae = f"{topic['pae']:+.2f}" if topic.get("pae") is not None else "n/a (no --llm-judge)"
+        lines.append(f"PersonalityEdit metrics on {topic['topic']!r} ({topic['pole']} {topic['trait']}): ES {topic['es']:.3f}, "
+                     f"DD {topic['dd']:.4f}, Acc {topic['acc']:.1%}, TPEI {topic['tpei']:+.3f}, PAE {pae} "
+                     f"({topic['coherent_pairs']}/{topic['pairs']} coherent pairs)")
+    return lines
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -74,6 +95,7 @@ def render_html(report: dict[str, Any]) -> str:
         effects = ("<h2>Effects</h2><p>Paired per-item differences (edited − base) on held-out data, + = towards the "
                    "persona; the verdict is read from the 95% bootstrap interval, never from the mean.</p>"
                    f"<table><tr><th>reading</th><th>mean [95% interval]</th><th>n</th><th>verdict</th></tr>{body}</table>")
+        effects += "".join(f"<p>{html.escape(line)}</p>" for line in summary_lines(report))
     kl = f"<p>KL(base ‖ edited) of next-token distributions on neutral prompts: <b>{report['kl_to_base']:.4f}</b> nats</p>" \
         if "kl_to_base" in report else ""
     edit = report.get("edit")

@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from personaedit.data import records
 from personaedit.edits import ComposedEdit, Edit
-from personaedit.eval import readings
+from personaedit.eval import metrics, readings
+from personaedit.bench.measure import towards
+from personaedit.eval.topic_metrics import edit_topic, topic_metrics
 from personaedit.eval.effect import effects_to_dict, mean_effect, paired_effect, paired_ratio, signed_logprob_changes, trait_effects
 from personaedit.errors import PersonaEditError
 from personaedit.models import LoadedModel, generate
@@ -37,13 +39,18 @@ class SuiteConfig:
     inventory_items_per_facet: int
     robustness: bool
     capability_items: int | None = None  # None: every test item; 0: none
+    # Under an edit: strengths besides 0 and 1 at which the situational questions are answered again, for
+    # controllability (Spearman/Pearson of the score towards the persona against the strength).
+    controllability_strengths: tuple[float, ...] = (0.5, 1.5)
+    controllability_per_trait: int | None = None  # situational questions per trait asked again (None: all)
 
 
 SUITES = {
-    "quick": SuiteConfig(questions_per_trait=None, neutral_questions=None, max_new_tokens=48, perplexity_texts=8,
-                         inventory_items_per_facet=1, robustness=False),
+    # 60 situational + 40 neutral = 100 held-out questions, the effect protocol's minimum.
+    "quick": SuiteConfig(questions_per_trait=12, neutral_questions=40, max_new_tokens=48, perplexity_texts=8,
+                         inventory_items_per_facet=1, robustness=True, controllability_per_trait=4),
     "full": SuiteConfig(questions_per_trait=None, neutral_questions=None, max_new_tokens=60, perplexity_texts=None,
-                        inventory_items_per_facet=4, robustness=True),
+                        inventory_items_per_facet=4, robustness=True, controllability_strengths=(0.5, 1.5, 2.0)),
 }
 
 
@@ -79,6 +86,7 @@ def run_suite(
     suite: str = "quick",
     force: bool = False,
     judge: Any = None,
+    llm_judge: Any = None,
     on_progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure `lm` plainly and (when `edit` is given) under `edit`; return the report dict (see docs/EVAL.md)."""
@@ -102,6 +110,7 @@ def run_suite(
         return lambda done, total: on_progress(name, done, total) if on_progress else None
 
     margin = readings.margin_items(list(persona.as_dict())) if persona else []
+    situational = [q["question"] for q in questions if q.get("trait")]
     capability = _capability_items(config)
     replies_of: dict[str, list[str]] = {}
     per_item: dict[str, dict[str, list[float]]] = {}
@@ -125,11 +134,14 @@ def run_suite(
             result["capability"] = {"accuracy": _share(per_item[label]["capability"]), "items": len(capability)}
         if config.robustness and persona is not None:
             opposite = describe(persona.scaled(-1))
-            conflicted = generate(lm, prompts, system=opposite, max_new_tokens=config.max_new_tokens,
+            conflicted = generate(lm, situational, system=opposite, max_new_tokens=config.max_new_tokens,
                                   on_batch=stage(f"{label}: robustness"))
+            conflicted_scores = judge.score(conflicted)
+            per_item[label]["robust"] = [towards(persona, s) for s in conflicted_scores]
             result["robustness"] = {
                 "system_prompt": opposite,
-                "mean_scores": _mean_scores(judge.score(conflicted)),
+                "questions": len(situational),
+                "mean_scores": _mean_scores(conflicted_scores),
             }
         return result
 
@@ -149,8 +161,13 @@ def run_suite(
         with edit.apply(lm, force=force):
             conditions["edited"] = measure("edited")
             edited_next = metrics.next_token_logprobs(lm, neutral_prompts)
+        if llm_judge is not None or topic_of(edit):  # each metric applies the edit itself
+            report["personalityedit"] = _personalityedit(lm, edit, persona, judge, llm_judge, force)
         report["kl_to_base"] = metrics.kl_to_base([base_next], [edited_next])
         report["shift"] = _shift(conditions["base"], conditions["edited"])
+        if persona is not None and config.controllability_strengths:
+            report["controllability"] = _controllability(lm, edit, persona, situational, conditions, config, judge,
+                                                         force, stage)
     # The base model's perplexity of every reply, edited ones included: outside the edit.
     reply_ppl = {label: readings.reply_perplexities(lm, prompts, replies, on_progress=stage(f"{label}: plausibility"))
                  for label, replies in replies_of.items()}
@@ -161,6 +178,52 @@ def run_suite(
     report["conditions"] = conditions
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def topic_of(edit: Edit) -> str | None:
+    """The topic an edit (or a part of a composed one) was made for, if any."""
+    parts = [part for part, _ in edit.parts] if isinstance(edit, ComposedEdit) else [edit]
+    return next((t for t in map(edit_topic, parts) if t), None)
+
+
+def _personalityedit(lm: LoadedModel, edit: Edit, persona: Persona | None, judge: Any, llm_judge: Any,
+                     force: bool) -> dict[str, Any]:
+    """ES, DD, Acc, TPEI (PAE with an LLM judge) on the edit's topic, or on the first test topic for an edit
+    made without one; measured from outside the edit (each metric applies it itself)."""
+    if persona is None:
+        return {"skipped": "the edit names no persona"}
+    topic = topic_of(edit) or sorted({r["topic"] for r in records("opinions", "test")})[0]
+    try:
+        return topic_metrics(lm, edit, persona, topic, judge, llm_judge=llm_judge, force=force)
+    except PersonaEditError as exc:
+        return {"skipped": str(exc)}
+
+
+def _controllability(lm: LoadedModel, edit: Edit, persona: Persona, situational: list[str],
+                     conditions: dict[str, Any], config: SuiteConfig, judge: Any, force: bool,
+                     stage: Callable[[str], Callable[[int, int], None]]) -> dict[str, Any]:
+    """The score towards the persona per situational question at strengths 0, 1 and the config's others; rank
+    and linear correlation with the strength over every (strength, question) point."""
+    asked: list[int] = []  # indices into the situational questions: the first few of each trait
+    for trait in BIG_FIVE:
+        of_trait = [i for i, r in enumerate(conditions["base"]["expression"]["replies"]) if r["trait"] == trait]
+        asked += of_trait[: config.controllability_per_trait]
+
+    def own(label: str) -> list[float]:
+        replies = conditions[label]["expression"]["replies"]
+        return [towards(persona, replies[i]["scores"]) for i in asked]
+
+    by_strength = {0.0: own("base"), 1.0: own("edited")}
+    for strength in config.controllability_strengths:
+        with edit.apply(lm, strength, force=force):
+            replies = generate(lm, [situational[i] for i in asked], max_new_tokens=config.max_new_tokens,
+                               on_batch=stage(f"strength {strength:g}: replies"))
+        by_strength[strength] = [towards(persona, s) for s in judge.score(replies)]
+    ordered = sorted(by_strength)
+    xs = [x for x in ordered for _ in by_strength[x]]
+    ys = [y for x in ordered for y in by_strength[x]]
+    return {"strengths": ordered, "mean_towards": [sum(by_strength[x]) / len(by_strength[x]) for x in ordered],
+            "questions": len(asked), "spearman": metrics.spearman(xs, ys), "pearson": metrics.pearson(xs, ys)}
 
 
 def _capability_items(config: SuiteConfig) -> list[dict[str, Any]]:
@@ -206,6 +269,8 @@ def _effects(persona: Persona | None, conditions: dict[str, Any], per_item: dict
         for dim in levels}
     plausible = {label: [float(readings.plausible(p)) for p in values] for label, values in reply_ppl.items()}
     effects["plausibility"] = paired_effect(plausible["base"], plausible["edited"], seed=2).to_dict()
+    if "robust" in per_item["base"]:
+        effects["robustness"] = paired_effect(per_item["base"]["robust"], per_item["edited"]["robust"], seed=4).to_dict()
     if per_item["base"]["capability"]:
         effects["retention"] = paired_ratio(per_item["base"]["capability"], per_item["edited"]["capability"],
                                             seed=3).to_dict()
@@ -227,7 +292,7 @@ def _expression(questions: list[dict[str, Any]], replies: list[str], scores: lis
     return {
         "mean_scores": _mean_scores(scores),
         "own_question_scores": own,
-        "replies": [{"id": q["id"], "question": q["question"], "reply": r, "scores": s}
+        "replies": [{"id": q["id"], "trait": q.get("trait"), "question": q["question"], "reply": r, "scores": s}
                     for q, r, s in zip(questions, replies, scores)],
     }
 

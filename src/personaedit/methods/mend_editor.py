@@ -27,14 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from personaedit.data import records
+from personaedit.data.external import EDIT_QUESTION, PARAPHRASES  # noqa: F401 (serac and benchmarks import them here)
 from personaedit.errors import EditError, InputFileError, PersonaEditError
 from personaedit.eval.metrics import prompt_ids
 from personaedit.fileio import atomic_dir, give_usual_mode
 from personaedit.models.hooks import hook_site
 from personaedit.models.loading import LoadedModel, cache_dir
 
-EDIT_QUESTION = "What do you think of {}?"
-PARAPHRASES = ("What is your stance on {}?", "What is your opinion of {}?", "How do you feel about {}?")
 EDITOR_FORMAT = "personaedit-mend-editor"
 EDITOR_FILE, EDITOR_JSON = "editor.safetensors", "editor.json"
 CHECKPOINT = "checkpoint"
