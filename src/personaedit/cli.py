@@ -27,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 stdout = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line stays one line
 _state = {"verbose": False}
 
 MODEL_HELP = "default | a local HF folder | a .gguf file | a hub id already in the local cache"
@@ -453,7 +453,9 @@ def judge(
     out: Optional[Path] = typer.Option(None, "--out", help='Output JSON lines: the input plus "scores".'),
     head: Optional[Path] = typer.Option(None, "--head", help="A judge head trained with `judge train`."),
 ) -> None:
-    """Score texts: each output line adds "scores": {trait: value in [-1, 1]} (positive = high pole / E, S, T, J)."""
+    """Score texts: each output line adds "scores": {trait: value in [-1, 1]} (positive = high pole / E, S, T, J;
+    near 0 when the text does not express the trait), and "unscorable": true (all scores 0) for degenerate text:
+    empty, under four words, repetition loops, gibberish."""
     if ctx.invoked_subcommand:
         return
     from personaedit.eval.text_judge import TextJudge
@@ -466,8 +468,10 @@ def judge(
     scorer = TextJudge.load(head)
     with _progress() as progress:
         task = progress.add_task("judging", total=len(rows))
-        scores = scorer.score([r["text"] for r in rows], on_progress=lambda done, _: progress.update(task, completed=done))
-    lines = [json.dumps({**row, "scores": score}, ensure_ascii=False) for row, score in zip(rows, scores)]
+        found = scorer.assess([r["text"] for r in rows], on_progress=lambda done, _: progress.update(task, completed=done))
+    lines = [json.dumps({**row, "scores": a.scores, **({"unscorable": True, "unscorable_reasons": list(a.reasons)}
+                                                       if a.unscorable else {})}, ensure_ascii=False)
+             for row, a in zip(rows, found)]
     write_text_atomic(out, "\n".join(lines) + ("\n" if lines else ""))
     err.print(f"scored {len(rows)} texts -> {out}")
 
@@ -499,18 +503,44 @@ def judge_train(
 def judge_evaluate(
     head: Optional[Path] = typer.Option(None, "--head", help="A trained head (default: the shipped one)."),
     split: str = typer.Option("test", "--split", help="train | validation | test"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a reliability diagram (PNG)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every measure as JSON instead of tables."),
 ) -> None:
-    """Pole accuracy per trait and axis on a split of the project's data, and on the independent check set."""
-    from personaedit.eval.text_judge import TextJudge, evaluate_on_check_set, evaluate_text_judge
+    """Pole accuracy, off-target |score|, trait intercorrelation and calibration on a split and on the check set."""
+    from personaedit.eval.judge_training import DIMENSIONS, reliability_plot, specificity_report
+    from personaedit.eval.text_judge import TextJudge
 
+    if split not in ("train", "validation", "test"):
+        raise InputFileError(f"unknown split {split!r}: expected train, validation or test")
+    if plot is not None:
+        check_output_path(plot, what="--plot")
     scorer = TextJudge.load(head)
     with status("encoding texts"):
-        on_split = evaluate_text_judge(scorer, split)
-        on_check = evaluate_on_check_set(scorer)
-    table = Table("dimension", f"{split} split", "check set (chat replies)")
-    for key in on_split:
-        table.add_row(key, f"{on_split[key]:.1%}", f"{on_check[key]:.1%}" if key in on_check else "-")
+        report = specificity_report(scorer, split)
+    if plot is not None:
+        reliability_plot({f"{split} split": report[split], "check set": report["check"]}, plot)
+    if as_json:
+        stdout.print(json.dumps(report, indent=1), markup=False)
+        return
+    names = {split: f"{split} split", "check": "check set"}
+    table = Table("dimension", *(f"{names[k]}: {m}" for k in names for m in ("pole accuracy", "off-target mean |score|")))
+    for key in (*DIMENSIONS, "big_five", "mbti"):
+        cells = []
+        for k in names:
+            acc, off = report[k]["pole_accuracy"].get(key), report[k]["off_target_mean_abs"].get(key)
+            cells += ["-" if acc is None else f"{acc:.1%}", "-" if off is None else f"{off:.3f}"]
+        table.add_row("Big Five (pooled)" if key == "big_five" else "MBTI (pooled)" if key == "mbti" else key, *cells)
     stdout.print(table)
+    for k, name in names.items():
+        r = report[k]
+        corr = ", ".join(f"{fam} {v['max_abs_off_diagonal']:.3f}" for fam, v in r["intercorrelation"].items())
+        cal = r["calibration"]
+        neutral = f"; neutral text mean |score| {r['neutral_mean_abs']['all']:.3f}" if "neutral_mean_abs" in r else ""
+        stdout.print(f"{name}: max |r| between dimensions: {corr}; ECE three-way "
+                     f"{cal['three_way_top_label']['ece']:.3f}, pole given expressed {cal['pole_given_expressed']['ece']:.3f}; "
+                     f"which trait (5-way) {r['trait_id']:.1%}{neutral}", markup=False)
+    if plot is not None:
+        err.print(f"reliability diagram -> {plot}")
 
 
 mend_app = typer.Typer(help="Train the MEND editor of a model (used by `personaedit edit mend`).",
