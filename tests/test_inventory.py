@@ -206,12 +206,31 @@ def test_run_inventory_on_a_tiny_model(lm):
         assert score.n_items == 24 and len(score.facets) == 6
         assert 1 <= score.mean <= 5 and score.std >= 0 and -1 <= score.signed <= 1
     assert set(result.mbti) == set(MBTI) and all(a.n_items == 12 and -1 <= a.score <= 1 for a in result.mbti.values())
-    assert seen[-1] == (336, 336) and [d for d, _ in seen] == sorted(d for d, _ in seen)
-    assert 0 < result.letter_mass["likert"] < 1
+    assert seen[-1] == (216, 216) and [d for d, _ in seen] == sorted(d for d, _ in seen)  # 120 items, 96 MBTI prompts
+    assert 0 < result.letter_mass["agreement"] < 1
+    record = result.items[0]
+    expected, _ = inv.agreement_score(*record["probs_yes_no"], record["reverse_keyed"])
+    assert record["expected"] == pytest.approx(expected)
+    json.dumps(result.to_dict())
+
+
+@needs_ffm
+def test_run_inventory_with_letters_asks_both_orders(lm):
+    seen = []
+    result = inv.run_inventory(lm, batch_size=64, scoring="letters", on_progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (336, 336) and 0 < result.letter_mass["likert"] < 1
     record = result.items[0]
     expected, _ = inv.likert_score(record["probs_normal"], record["probs_reversed"], record["reverse_keyed"])
     assert record["expected"] == pytest.approx(expected)
-    json.dumps(result.to_dict())
+    with pytest.raises(PersonaEditError, match="unknown inventory scoring"):
+        inv.run_inventory(lm, scoring="vibes")
+
+
+def test_agreement_score_hand_computed():
+    assert inv.agreement_score(0.3, 0.1, reverse_keyed=False) == (pytest.approx(4.0), 5.0)  # 1 + 4 * 0.75
+    assert inv.agreement_score(0.3, 0.1, reverse_keyed=True) == (pytest.approx(2.0), 1.0)
+    assert inv.agreement_score(0.2, 0.2, reverse_keyed=False) == (pytest.approx(3.0), 3.0)
+    assert inv.agreement_score(0.0, 0.0, reverse_keyed=False) == (pytest.approx(3.0), 3.0)
 
 
 @needs_ffm

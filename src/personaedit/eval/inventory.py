@@ -4,10 +4,16 @@ Big Five: the IPIP-NEO-120 items (public domain, shipped in the PyPI package `ff
 "Statement: You {item}." with five options (A) Very Accurate ... (E) Very Inaccurate. MBTI-style axes:
 the project's forced-choice items (package data `mbti_items`) with two options (A)/(B).
 
-An answer is read from the next-token probabilities of the option letters after the assistant turn
-starts with "Answer: (": the expected score under the renormalised letter probabilities and the score of
-the most likely letter, each averaged over the normal and the reversed option order (cancels position
-bias). Reverse-keyed items score 6 - s. Everything the caller put in force (context, activation and
+Big Five items are scored one of two ways (`scoring`):
+- "agreement" (default): "Is the statement an accurate description of you? Reply Yes or No." and the
+  next-token probabilities of " Yes" and " No" after "Answer:"; an item scores 1 + 4 p(yes) with p
+  renormalised over the two words. Small models pick option *letters* by position (SmolLM2-135M read
+  3.0 +- 0.03 on every trait, whatever the persona), but they do answer yes or no by the statement's
+  content; a yes-saying bias cancels over each trait's reverse-keyed items.
+- "letters": the five Likert options as letters, read after "Answer: (": the expected score under the
+  renormalised letter probabilities and the score of the most likely letter, each averaged over the
+  normal and the reversed option order (cancels position bias).
+Reverse-keyed items score 6 - s. Everything the caller put in force (context, activation and
 weight edits) applies, since prompts go through the same chat rendering and forward pass as generation.
 """
 
@@ -42,6 +48,11 @@ LIKERT_INSTRUCTION = ("Read the statement and choose the option that shows how a
                       "Reply with the letter of one option.")
 MBTI_INSTRUCTION = "Read the question and choose the option that describes you better. Reply with A or B."
 ANSWER_PREFIX = "Answer: ("
+AGREEMENT_INSTRUCTION = "Is the statement an accurate description of you? Reply Yes or No."
+AGREEMENT_PREFIX = "Answer:"
+AGREEMENT_WORDS = (" Yes", " No")
+AGREEMENT_WORDS_UNSPACED = ("Yes", "No")  # for a vocabulary where both spaced words start with the same token
+SCORINGS = ("agreement", "letters")
 FFM_INSTALL = "pip install ffm==0.1.0"
 
 
@@ -164,11 +175,16 @@ def mbti_prompt(row: Mapping[str, Any], swapped: bool = False) -> str:
     return f"{MBTI_INSTRUCTION}\nQuestion: {row['question']}\n(A) {first}\n(B) {second}"
 
 
-def scoring_text(lm: LoadedModel, prompt: str) -> tuple[str, bool]:
+def agreement_prompt(item: Item) -> str:
+    """The user message for one IPIP item under agreement scoring."""
+    return f"{AGREEMENT_INSTRUCTION}\nStatement: {item.statement}"
+
+
+def scoring_text(lm: LoadedModel, prompt: str, prefix: str = ANSWER_PREFIX) -> tuple[str, bool]:
     """(text, uses_template): `prompt` as a chat under the context edits in force, with the assistant turn
-    begun by 'Answer: (' so that the next token is an option letter."""
+    begun by `prefix` ('Answer: (' so that the next token is an option letter, or 'Answer:' before a word)."""
     text, uses_template = render_chat(lm.tokenizer, build_messages(lm, prompt))
-    return text + ("" if uses_template else " ") + ANSWER_PREFIX, uses_template
+    return text + ("" if uses_template else " ") + prefix, uses_template
 
 
 def option_token_ids(tokenizer, text: str, letters: Sequence[str], add_special_tokens: bool) -> list[int]:
@@ -183,6 +199,22 @@ def option_token_ids(tokenizer, text: str, letters: Sequence[str], add_special_t
         ids.append(extended[-1])
     if len(set(ids)) != len(ids):
         raise PersonaEditError("this tokenizer maps different option letters to the same token")
+    return ids
+
+
+def word_token_ids(tokenizer, text: str, words: Sequence[str], add_special_tokens: bool) -> list[int]:
+    """The first token of each word as it follows `text` (a word may span several tokens in a small
+    vocabulary; its first token stands for it), checked distinct."""
+    base = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    ids = []
+    for word in words:
+        extended = tokenizer(text + word, add_special_tokens=add_special_tokens)["input_ids"]
+        if len(extended) <= len(base) or extended[:len(base)] != base:
+            raise PersonaEditError(f"this tokenizer merges {word!r} into the text before it; the inventory cannot "
+                                   "be scored from next-token probabilities")
+        ids.append(extended[len(base)])
+    if len(set(ids)) != len(ids):
+        raise PersonaEditError(f"this tokenizer starts {' and '.join(map(repr, words))} with the same token")
     return ids
 
 
@@ -286,6 +318,16 @@ def likert_score(normal: Sequence[float], reversed_: Sequence[float], reverse_ke
     return (6 - e, 6 - a) if reverse_keyed else (e, a)
 
 
+def agreement_score(p_yes: float, p_no: float, reverse_keyed: bool) -> tuple[float, float]:
+    """(expected, argmax) item score in [1, 5]: 1 + 4 p(yes) with p renormalised over yes and no, and 5 or 1
+    for the likelier word (3 on a tie); a reverse-keyed item scores 6 - s."""
+    total = p_yes + p_no
+    share = p_yes / total if total > 0 else 0.5
+    expected = 1 + 4 * share
+    argmax = 3.0 if p_yes == p_no else (5.0 if p_yes > p_no else 1.0)
+    return (6 - expected, 6 - argmax) if reverse_keyed else (expected, argmax)
+
+
 def forced_choice_score(normal: Sequence[float], swapped: Sequence[float],
                         a_is_first_pole: bool) -> tuple[float, float]:
     """(expected, argmax) in [-1, 1] toward the axis's first pole (E, S, T, J) from the (A), (B)
@@ -374,7 +416,7 @@ def trait_score(records_of_trait: Sequence[Mapping[str, Any]]) -> TraitScore:
 # ------------------------------------------------------------------------------------------------- run
 
 def run_inventory(lm: LoadedModel, *, batch_size: int = 16, traits: Sequence[str] | None = None,
-                  items_per_facet: int = 4, mbti: bool = True,
+                  items_per_facet: int = 4, mbti: bool = True, scoring: str = "agreement",
                   on_progress: Progress | None = None) -> InventoryResult:
     """The model's self-report on the IPIP-NEO-120 (all traits, or `traits`; the first `items_per_facet`
     of each facet's four items, for a shorter form) and, when `mbti`, on the MBTI forced-choice items,
@@ -385,35 +427,56 @@ def run_inventory(lm: LoadedModel, *, batch_size: int = 16, traits: Sequence[str
         raise PersonaEditError(f"unknown trait(s) {', '.join(unknown)} (valid: {', '.join(BIG_FIVE)})")
     if not 1 <= items_per_facet <= 4:
         raise PersonaEditError(f"items_per_facet must be 1 to 4, not {items_per_facet}")
+    if scoring not in SCORINGS:
+        raise PersonaEditError(f"unknown inventory scoring {scoring!r} (valid: {', '.join(SCORINGS)})")
     items = [item for item in ipip_neo_120() if item.trait in wanted and item.number <= 30 * items_per_facet]
     mbti_rows = records("mbti_items") if mbti else []
-    likert_prompts = [likert_prompt(item, rev) for item in items for rev in (False, True)]
+    if scoring == "agreement":
+        likert_prompts = [agreement_prompt(item) for item in items]
+    else:
+        likert_prompts = [likert_prompt(item, rev) for item in items for rev in (False, True)]
     mbti_prompts = [mbti_prompt(row, swap) for row in mbti_rows for swap in (False, True)]
     total = len(likert_prompts) + len(mbti_prompts)
 
     def progress(offset: int):
         return None if on_progress is None else (lambda done, _n: on_progress(offset + done, total))
 
-    likert = _probabilities(lm, likert_prompts, LIKERT_LETTERS, batch_size, progress(0))
+    if scoring == "agreement":
+        likert = _probabilities(lm, likert_prompts, AGREEMENT_WORDS, batch_size, progress(0), AGREEMENT_PREFIX)
+        item_records = [_agreement_record(item, likert[k]) for k, item in enumerate(items)]
+    else:
+        likert = _probabilities(lm, likert_prompts, LIKERT_LETTERS, batch_size, progress(0))
+        item_records = [_likert_record(item, likert[2 * k], likert[2 * k + 1]) for k, item in enumerate(items)]
     forced = _probabilities(lm, mbti_prompts, MBTI_LETTERS, batch_size, progress(len(likert_prompts)))
-    item_records = [_likert_record(item, likert[2 * k], likert[2 * k + 1]) for k, item in enumerate(items)]
     mbti_records = [_mbti_record(row, forced[2 * k], forced[2 * k + 1]) for k, row in enumerate(mbti_rows)]
     return InventoryResult(
         traits={t: trait_score([r for r in item_records if r["trait"] == t]) for t in wanted},
         mbti=_axis_scores(mbti_records),
         items=item_records,
         mbti_items=mbti_records,
-        letter_mass={name: float(p.sum(-1).mean()) for name, p in (("likert", likert), ("mbti", forced)) if len(p)},
+        letter_mass={name: float(p.sum(-1).mean()) for name, p in ((scoring_name(scoring), likert), ("mbti", forced))
+                     if len(p)},
     )
 
 
+def scoring_name(scoring: str) -> str:
+    """The key of the Big Five items' option mass in `letter_mass`."""
+    return "likert" if scoring == "letters" else scoring
+
+
 def _probabilities(lm: LoadedModel, prompts: list[str], letters: Sequence[str], batch_size: int,
-                   on_progress: Progress | None) -> torch.Tensor:
+                   on_progress: Progress | None, prefix: str = ANSWER_PREFIX) -> torch.Tensor:
     if not prompts:
         return torch.zeros(0, len(letters))
-    rendered = [scoring_text(lm, p) for p in prompts]
+    rendered = [scoring_text(lm, p, prefix) for p in prompts]
     add_special = not rendered[0][1]
-    ids = option_token_ids(lm.tokenizer, rendered[0][0], letters, add_special)
+    if prefix == ANSWER_PREFIX:
+        ids = option_token_ids(lm.tokenizer, rendered[0][0], letters, add_special)
+    else:
+        try:
+            ids = word_token_ids(lm.tokenizer, rendered[0][0], letters, add_special)
+        except PersonaEditError:
+            ids = word_token_ids(lm.tokenizer, rendered[0][0], AGREEMENT_WORDS_UNSPACED, add_special)
     return option_probabilities(lm, [text for text, _ in rendered], ids, add_special_tokens=add_special,
                                 batch_size=batch_size, on_progress=on_progress)
 
@@ -423,6 +486,13 @@ def _likert_record(item: Item, normal: torch.Tensor, reversed_: torch.Tensor) ->
     return {"number": item.number, "text": item.text, "trait": item.trait, "facet": item.facet,
             "reverse_keyed": item.reverse_keyed, "expected": expected, "argmax": argmax,
             "probs_normal": normal.tolist(), "probs_reversed": reversed_.tolist()}
+
+
+def _agreement_record(item: Item, probs: torch.Tensor) -> dict[str, Any]:
+    expected, argmax = agreement_score(float(probs[0]), float(probs[1]), item.reverse_keyed)
+    return {"number": item.number, "text": item.text, "trait": item.trait, "facet": item.facet,
+            "reverse_keyed": item.reverse_keyed, "expected": expected, "argmax": argmax,
+            "probs_yes_no": probs.tolist()}
 
 
 def _mbti_record(row: Mapping[str, Any], normal: torch.Tensor, swapped: torch.Tensor) -> dict[str, Any]:
