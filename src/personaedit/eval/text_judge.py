@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from personaedit.data import records
+from personaedit.eval import degenerate
 from personaedit.eval.judge_adapter import AdapterConfig, AdapterTrainer, examples, merge_adapter, save_adapter
 from personaedit.errors import InputFileError, ModelNotFoundError
 from personaedit.fileio import atomic_dir, atomic_path, write_json_atomic
@@ -57,7 +58,8 @@ TRAITS: tuple[str, ...] = tuple(BIG_FIVE)
 AXES: tuple[str, ...] = tuple(MBTI)
 DIMENSIONS: tuple[str, ...] = TRAITS + AXES
 L2_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-HEAD_FORMAT = 1
+HEAD_FORMAT = 2  # 1: pole heads before issue 13 (no gate); still read
+HEAD_FORMS = ("pole", "softmax3", "gated")
 
 Progress = Callable[[int, int], None]
 Labelled = tuple[np.ndarray, np.ndarray]  # (features [n, d], labels [n])
@@ -308,17 +310,39 @@ class Standardiser:
 
 @dataclass
 class JudgeHead:
-    """Linear heads on the judge features: one logit per dimension (DIMENSIONS order) + a 5-way trait softmax."""
+    """Linear heads on the judge features: per dimension (DIMENSIONS order) a pole logit, and since issue 13 a
+    gate logit, so that the head reads high / low / not expressed; plus a 5-way trait softmax.
 
-    pole_weight: np.ndarray  # [9, d]: logit of the high pole / first letter
+    `form` says how the logits make the three-way probabilities (eval/judge_training.three_way):
+    "softmax3" and "gated" are trait-specific (scores near 0 for text that does not express a dimension);
+    "pole" is the head before issue 13 (format 1, no gate): a score of 2·p(high) − 1 for any text.
+    """
+
+    pole_weight: np.ndarray  # [9, d]: log p(high) / p(low) (first letter / second letter)
     pole_bias: np.ndarray  # [9]
     trait_weight: np.ndarray  # [5, d]: logits over TRAITS
     trait_bias: np.ndarray  # [5]
     metadata: dict[str, Any] = field(default_factory=dict)
+    gate_weight: np.ndarray | None = None  # [9, d]: softmax3 log p(low)/p(none); gated log p(expressed)/p(none)
+    gate_bias: np.ndarray | None = None  # [9]
+    form: str = "pole"
 
     def pole_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """p(high pole or first letter) per text and dimension, [n, 9]."""
+        """p(high pole or first letter | the dimension is expressed) per text and dimension, [n, 9]."""
         return sigmoid(np.asarray(features, dtype=np.float64) @ self.pole_weight.T + self.pole_bias)
+
+    def class_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """[n, 9, 3]: p(high), p(low), p(not expressed) per text and dimension."""
+        from personaedit.eval.judge_training import three_way
+
+        x = np.asarray(features, dtype=np.float64)
+        gate = None if self.gate_weight is None else x @ self.gate_weight.T + self.gate_bias
+        return three_way(self.form, x @ self.pole_weight.T + self.pole_bias, gate)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """[n, 9] scores p(high) − p(low) in [-1, 1]."""
+        p = self.class_probabilities(features)
+        return np.clip(p[..., 0] - p[..., 1], -1.0, 1.0)
 
     def trait_probabilities(self, features: np.ndarray) -> np.ndarray:
         """p(the text expresses trait t) over TRAITS, [n, 5]."""
@@ -331,14 +355,17 @@ class JudgeHead:
             "pole_weight": self.pole_weight, "pole_bias": self.pole_bias,
             "trait_weight": self.trait_weight, "trait_bias": self.trait_bias,
         }
-        meta = {**self.metadata, "format": HEAD_FORMAT, "dimensions": list(DIMENSIONS), "traits": list(TRAITS)}
+        if self.form != "pole":
+            tensors.update(gate_weight=self.gate_weight, gate_bias=self.gate_bias)
+        meta = {**self.metadata, "format": HEAD_FORMAT if self.form != "pole" else 1, "form": self.form,
+                "dimensions": list(DIMENSIONS), "traits": list(TRAITS)}
         with atomic_path(path) as tmp:
             save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
         write_json_atomic(path.with_suffix(".json"), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "JudgeHead":
-        """Read a head written by `save`; a missing or foreign file is an InputFileError."""
+        """Read a head written by `save` (either format); a missing or foreign file is an InputFileError."""
         path = Path(path)
         try:
             t = load_file(str(path))
@@ -346,14 +373,18 @@ class JudgeHead:
         except (OSError, ValueError, SafetensorError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputFileError(f"cannot read text-judge head {path}: {reason}") from None
+        form = meta.get("form", "pole")
+        needed = {"pole_weight", "pole_bias", "trait_weight", "trait_bias"} | (set() if form == "pole" else {"gate_weight", "gate_bias"})
         shapes_ok = (
-            {"pole_weight", "pole_bias", "trait_weight", "trait_bias"} <= set(t)
+            form in HEAD_FORMS and needed <= set(t)
             and t["pole_weight"].shape[0] == len(DIMENSIONS) and t["trait_weight"].shape[0] == len(TRAITS)
+            and (form == "pole" or t["gate_weight"].shape == t["pole_weight"].shape)
         )
         if meta.get("dimensions") != list(DIMENSIONS) or not shapes_ok:
             raise InputFileError(f"{path} is not a text-judge head for {', '.join(DIMENSIONS)}")
         as64 = {k: v.astype(np.float64) for k, v in t.items()}
-        return cls(as64["pole_weight"], as64["pole_bias"], as64["trait_weight"], as64["trait_bias"], meta)
+        return cls(as64["pole_weight"], as64["pole_bias"], as64["trait_weight"], as64["trait_bias"], meta,
+                   as64.get("gate_weight"), as64.get("gate_bias"), form)
 
 
 def default_head_path() -> Path:
@@ -395,19 +426,46 @@ class TextJudge:
     def features(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
         return self.encoder.features(list(texts), on_progress)
 
+    def assess(self, texts: Sequence[str], on_progress: Progress | None = None) -> list[Assessment]:
+        """One Assessment per text: its scores, and whether it is unscorable (eval/degenerate.py).
+
+        Unscorable texts (empty, under four words, loops, gibberish) are not encoded and score 0 on every
+        dimension; the others get {dimension: p(high) − p(low)} from the head.
+        """
+        texts = list(texts)
+        checks = [degenerate.assess(t) for t in texts]
+        keep = [i for i, c in enumerate(checks) if not c.unscorable]
+        skipped = len(texts) - len(keep)
+        progress = None if on_progress is None else (lambda done, _: on_progress(skipped + done, len(texts)))
+        rows = scores_from_features(self.head, self.features([texts[i] for i in keep], progress)) if keep else []
+        if on_progress is not None and not keep:
+            on_progress(len(texts), len(texts))
+        out = [Assessment(dict.fromkeys(DIMENSIONS, 0.0), True, c.reasons) for c in checks]
+        for i, row in zip(keep, rows):
+            out[i] = Assessment(row, False, ())
+        return out
+
     def score(self, texts: Sequence[str], on_progress: Progress | None = None) -> list[dict[str, float]]:
-        """One dict per text: {dimension: 2·p(high or first letter) − 1} for the 5 traits and 4 axes."""
-        return scores_from_features(self.head, self.features(texts, on_progress))
+        """One dict per text: {dimension: p(high) − p(low)} for the 5 traits and 4 axes; 0 for unscorable texts."""
+        return [a.scores for a in self.assess(texts, on_progress)]
 
     def trait_probabilities(self, texts: Sequence[str], on_progress: Progress | None = None) -> np.ndarray:
         """[n, 5] probabilities of which Big Five trait each text expresses (columns in TRAITS order)."""
         return self.head.trait_probabilities(self.features(texts, on_progress))
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """The judge's reading of one text: scores in [-1, 1] per dimension, or unscorable (then all 0) and why."""
+
+    scores: dict[str, float]
+    unscorable: bool
+    reasons: tuple[str, ...] = ()
+
+
 def scores_from_features(head: JudgeHead, features: np.ndarray) -> list[dict[str, float]]:
-    """The judge's scores for texts whose features are already computed."""
-    scores = 2.0 * head.pole_probabilities(features) - 1.0
-    return [dict(zip(DIMENSIONS, map(float, row))) for row in scores]
+    """The judge's scores for texts whose features are already computed (no unscorable check)."""
+    return [dict(zip(DIMENSIONS, map(float, row))) for row in head.scores(features)]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -554,20 +612,28 @@ def train_adapter(
 def train_text_judge(
     out_path: str | Path, seed: int = 0, on_progress: Progress | None = None,
     encoder: FeatureEncoder | None = None, l2_grid: Sequence[float] = L2_GRID, adapter: AdapterConfig | None = None,
-    encoder_name: str = JUDGE_ENCODER,
+    encoder_name: str = JUDGE_ENCODER, form: str = "softmax3", c_grid: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Train the heads on the train split, choose L2 on validation, write the head; return val/test metrics.
+    """Train the heads on the train split, choose regularisation on validation, write the head; return metrics.
 
+    `form` "softmax3" (default) or "gated" trains the trait-specific head of issue 13 (eval/judge_training:
+    high / low / not expressed per dimension, scikit-learn logistic regressions, C from `c_grid` chosen on
+    validation, a temperature per dimension fitted on validation); "pole" the head before it (a binary
+    high-vs-low regression per dimension, L2 from `l2_grid`).
     `encoder_name` (a key of ENCODERS) is the real encoder used and recorded in the head; `encoder`, if given,
     computes the features instead (tests). With `adapter`, a LoRA adapter on the real MiniLM (so `encoder_name`
     must be "minilm") is trained first (see judge_adapter), written beside
     the head as `<stem>.adapter.safetensors`, and the heads are fitted on the features of the encoder with the
     adapter merged in, exactly as `TextJudge.load` will compute them.
-    Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS from zero; the
-    adapter's initialisation and shuffling draw from `seed`. Same data, same machine, same file.
+    Deterministic: the encoder runs in eval mode and each fit is convex, solved by L-BFGS; the adapter's
+    initialisation and shuffling draw from `seed`. Same data, same machine, same file.
     """
     import torch
 
+    from personaedit.eval import judge_training as jt
+
+    if form not in HEAD_FORMS:
+        raise ValueError(f"unknown judge head form {form!r}: expected one of {', '.join(HEAD_FORMS)}")
     torch.manual_seed(seed)
     key = encoder_key(encoder_name)
     adapter_meta: dict[str, Any] | None = None
@@ -583,22 +649,46 @@ def train_text_judge(
     encoder = encoder or SentenceEncoder(encoder=key)
     splits = ("train", "validation", "test")
     sets = {s: split_sets(s) for s in splits}
-    flat = encode_sets({(s, name): v for s in splits for name, v in sets[s].items()}, encoder, on_progress)
+    texts = {s: jt.split_texts(s) for s in splits}
+    labelled = {(s, name): v for s in splits for name, v in sets[s].items()}
+    labelled.update({(s, "all"): (texts[s].texts, np.zeros(len(texts[s]))) for s in splits})
+    flat = encode_sets(labelled, encoder, on_progress)
     by_split = {s: {name: flat[(s, name)] for name in sets[s]} for s in splits}
-    head = fit_head(by_split["train"], by_split["validation"], l2_grid)
-    metrics = {s: pole_accuracies(head, by_split[s]) for s in splits}
+    if form == "pole":
+        head = fit_head(by_split["train"], by_split["validation"], l2_grid)
+        fit_note = "L2 logistic regression (high vs low), classes weighed equally, L-BFGS from zero"
+        data_note = "opinions + trait_texts (Big Five, trait softmax) and mbti_texts (axes), split=train"
+    else:
+        grid = tuple(c_grid) if c_grid is not None else jt.C_GRID
+        head = jt.fit_specific_head((flat[("train", "all")][0], texts["train"]),
+                                    (flat[("validation", "all")][0], texts["validation"]), form, grid)
+        fit_note = (f"{form}: scikit-learn LogisticRegression (lbfgs), classes weighed equally, in the row space of "
+                    "the standardised training features; C by balanced validation log-loss, then a temperature per "
+                    "dimension on validation (folded into the weights)")
+        data_note = ("per dimension: its texts high/low; the other dimensions' texts (not its MBTI/Big Five "
+                     "counterpart's) and neutral_text + neutral_questions as not expressed; opinions + trait_texts + "
+                     "mbti_texts, split=train; trait softmax on the Big Five texts")
+    metrics: dict[str, Any] = {s: pole_accuracies(head, by_split[s]) for s in splits}
+    summary = {}
+    for s in ("validation", "test"):
+        spec = jt.specificity(head.class_probabilities(flat[(s, "all")][0]), texts[s])
+        summary[s] = {"off_target_mean_abs": spec["off_target_mean_abs"],
+                      "max_abs_r": {k: v["max_abs_off_diagonal"] for k, v in spec["intercorrelation"].items()},
+                      "ece_three_way": spec["calibration"]["three_way_top_label"]["ece"]}
+    metrics["specificity"] = summary
     head.metadata.update({
         "encoder": ENCODERS[key].name, "encoder_package": ENCODERS[key].pip, "features": FEATURES,
         "feature_layers": list(ENCODERS[key].feature_layers), "feature_dim": int(head.pole_weight.shape[1]),
-        "training": {"data": "opinions + trait_texts (Big Five, trait softmax) and mbti_texts (axes), split=train",
-                     "l2_chosen_on": "validation", "fit": "L2 logistic regression, classes weighed equally, L-BFGS from zero",
-                     "standardised": True, "seed": seed},
+        "training": {"data": data_note, "l2_chosen_on": "validation", "fit": fit_note, "standardised": True,
+                     "seed": seed},
         "metrics": metrics,
     })
     if adapter_meta is not None:
         head.metadata["adapter"] = adapter_meta
     head.save(out_path)
-    return {"l2": head.metadata["l2"], **({"adapter": adapter_meta} if adapter_meta else {}), **metrics}
+    chosen = {"l2": head.metadata["l2"]} if form == "pole" else {"c": head.metadata["c"],
+                                                                   "temperature": head.metadata["temperature"]}
+    return {"form": form, **chosen, **({"adapter": adapter_meta} if adapter_meta else {}), **metrics}
 
 
 # ----------------------------------------------------------------------------------------- evaluation
