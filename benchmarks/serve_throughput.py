@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--edits-dir", type=Path, default=cache_dir() / "serve-bench-edits")
     args = parser.parse_args()
+    print("load average at start: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
     lm = load_model("default")
     prompts = [r["question"] for r in records("neutral_questions", "train")[:16]]
     edits = fitted_edits(lm, args.edits_dir)
@@ -136,7 +138,7 @@ def main() -> None:
     asyncio.run(concurrent(base, prompts[:2], ["default", "palette"], 4))
     # The three set-ups take turns within each repeat, so that load from other jobs on a shared machine
     # falls on all of them alike.
-    plain_runs, plain_tokens = [], 0
+    plain_runs, plain_tokens, same_as_plain = [], 0, []
     measured = {label: ([], [], 0, 0, []) for label in ("4 edits", "no edit")}
     for _ in range(args.repeats):
         started = time.perf_counter()
@@ -145,12 +147,16 @@ def main() -> None:
         plain_tokens = count(replies)
         for label, models in (("4 edits", mixed_models), ("no edit", ["default"] * len(prompts))):
             runs, firsts, _, _, batches = measured[label]
-            app.state.batcher.batch_sizes.clear()
+            batcher = app.state.batcher
+            batcher.admissions.clear()
+            batcher.steps.clear()
             wall, results = asyncio.run(concurrent(base, prompts, models, args.new_tokens))
             runs.append(wall)
             firsts += [first for _, _, first in results if first is not None]
-            batches += app.state.batcher.batch_sizes
+            batches.append((list(batcher.admissions), max(batcher.steps)))
             measured[label] = (runs, firsts, count(text for text, _, _ in results), sum(n for _, n, _ in results), batches)
+            if label == "no edit":  # continuous batching must not change a greedy reply
+                same_as_plain.append(sum(text.strip() == reply for (text, _, _), reply in zip(results, replies)))
     errors, good_status = asyncio.run(malformed(base, 100))
     server.should_exit = True
 
@@ -160,16 +166,19 @@ def main() -> None:
         wall = statistics.median(runs)
         print(row(f"serve, 16 concurrent requests, {label}", f"{tokens / wall:.1f} tok/s", "-", None))
         print(f"  runs {', '.join(f'{r:.1f}' for r in runs)} s; {tokens} tokens ({usage} by usage, end tokens "
-              f"included); batches {batches}; first-token latency median {statistics.median(firsts):.2f} s, "
-              f"max {max(firsts):.2f} s")
+              f"included); first-token latency median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s")
+        print(f"  per run (requests prefilled together, most rows decoding together): {batches}")
     mixed_runs, _, mixed_tokens, _, _ = measured["4 edits"]
     ratio = (mixed_tokens / statistics.median(mixed_runs)) / (plain_tokens / plain)
     print(row("serve with 4 edits / plain generate (tok/s)", f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8))
     print(row("serve with 4 edits / plain generate (wall)", f"{plain / statistics.median(mixed_runs):.2f}x", "-", None))
+    print(row("serve's greedy replies (no edit) identical to plain generate's", f"{min(same_as_plain)}/{len(prompts)} "
+              f"(worst run)", f"{len(prompts)}/{len(prompts)}", min(same_as_plain) == len(prompts)))
     print(row("malformed requests answered with JSON errors", f"{errors}/100", "100/100", errors == 100))
     print(row("server answers after them", f"HTTP {good_status}", "200", good_status == 200))
     print(f"  plain runs {', '.join(f'{r:.1f}' for r in plain_runs)} s; {plain_tokens} tokens; "
           f"{args.new_tokens} new tokens at most; batch wait {args.batch_wait_ms:g} ms")
+    print("load average at end: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

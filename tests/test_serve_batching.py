@@ -59,6 +59,24 @@ def test_rows_joining_mid_decode_give_the_same_greedy_output_as_alone(family):
     _same([row.outcome for row in rows], alone)
 
 
+def test_prompts_of_very_different_lengths_are_prefilled_apart_then_joined(lm, monkeypatch):
+    context = PreparedEdit.of(lm, served_edits(lm)["context"])  # a system prompt and a demonstration: long
+    similar = [request for index, request in enumerate(_requests(lm)) if index in (0, 3, 4)]  # 26-29 tokens
+    requests = similar + [RowRequest(_prompt_ids(lm, "Hi", context), max_tokens=12, edit=(context, 1.0))]
+    lengths = [len(r.prompt_ids) for r in requests]
+    assert max(lengths) > 1.5 * sorted(lengths)[-2]
+    alone = _alone(lm, requests)
+    passes = []
+    real = RunningBatch._prefill
+    monkeypatch.setattr(RunningBatch, "_prefill", lambda self, rows: passes.append(len(rows)) or real(self, rows))
+    batch = RunningBatch(lm)
+    rows = batch.admit(requests)
+    assert sorted(passes) == [1, 3] and batch.mask.shape == (4, max(lengths))
+    while batch:
+        batch.step()
+    _same([row.outcome for row in rows], alone)
+
+
 def test_finished_rows_leave_the_batch_and_answer_at_once(lm):
     requests = _requests(lm, max_tokens=(3, 10, 2, 6, 10))
     alone = _alone(lm, requests)

@@ -120,6 +120,7 @@ class RunningBatch:
         self.decoder = _Decoder(lm)
         self.pad = ensure_pad_token(lm.tokenizer)
         self.cache_arg = cache_argument(lm.model)
+        self.joins = kvrows.supports_joining(lm.model)
         self.rows: list[_Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns]: 1 on each row's real tokens
@@ -129,24 +130,32 @@ class RunningBatch:
 
     def can_admit(self) -> bool:
         """Whether requests can join now (always when idle; while decoding, when the cache allows it)."""
-        return not self.rows or kvrows.joinable(self.cache)
+        return not self.rows or self.joins
 
     def admit(self, requests: Sequence[RowRequest]) -> list[_Row]:
-        """Prefill `requests` in one left-padded forward pass, take each one's first token, add them to the batch."""
+        """Prefill `requests`, take each one's first token, add them to the batch; their rows, in order."""
         rows = [_Row(request, generator=_generator(request, self.lm.device)) for request in requests]
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = [[self.pad] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests]
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
-                            device=self.lm.device)
-        output = self._forward(rows, torch.tensor(ids, device=self.lm.device), mask, position_ids(mask), logits_to_keep=1)
-        self._advance(rows, output.logits[:, -1, :])  # before joining: if this fails, the batch is untouched
-        if self.rows:
-            self.cache, self.mask = kvrows.join(self.cache, self.mask, cache_of(output), mask)
-        else:
-            self.cache, self.mask = cache_of(output), mask
-        self.rows += rows
+        # Every pass is prefilled and has taken its first tokens before any joins: if one fails, the batch is
+        # untouched.
+        groups = _similar_lengths(rows) if self.joins else [rows]
+        for group, cache, mask in [self._prefill(group) for group in groups]:
+            if self.rows:
+                self.cache, self.mask = kvrows.join(self.cache, self.mask, cache, mask)
+            else:
+                self.cache, self.mask = cache, mask
+            self.rows += group
         self._leave()
         return rows
+
+    def _prefill(self, rows: Sequence[_Row]):
+        """One left-padded forward pass over the prompts of `rows`, which take their first token from it."""
+        prompts = [row.request.prompt_ids for row in rows]
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prompts], device=self.lm.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.lm.device)
+        output = self._forward(rows, ids, mask, position_ids(mask), logits_to_keep=1)
+        self._advance(rows, output.logits[:, -1, :])
+        return rows, cache_of(output), mask
 
     def step(self) -> None:
         """One new token for every row."""
@@ -189,6 +198,19 @@ class RunningBatch:
         for row in self.rows:
             fail_request(row.request, message)
         self.rows, self.cache, self.mask = [], None, None
+
+
+def _similar_lengths(rows: Sequence[_Row], spread: float = 1.5) -> list[list[_Row]]:
+    """`rows` in groups whose prompt lengths are within `spread` times the group's shortest, to be prefilled
+    apart: padding a short prompt to a long one (a context edit's system prompt) costs as much as a real
+    token, while one more pass costs little."""
+    groups: list[list[_Row]] = []
+    for row in sorted(rows, key=lambda r: len(r.request.prompt_ids)):
+        if groups and len(row.request.prompt_ids) <= spread * len(groups[-1][0].request.prompt_ids):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def _generator(request: RowRequest, device) -> torch.Generator | None:

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from transformers.cache_utils import DynamicCache
+
 try:
     from transformers.cache_utils import DynamicLayer
 except ImportError:  # transformers < 4.56 keeps lists of tensors instead of layers: rows can leave, not join
@@ -25,6 +27,14 @@ def joinable(cache: Any) -> bool:
     columns and counts positions itself, so padding it on the left would shift what it keeps."""
     layers = getattr(cache, "layers", None)
     return DynamicLayer is not None and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def supports_joining(model: Any) -> bool:
+    """Whether the caches `model` makes are `joinable` (judged on the empty cache it would start from)."""
+    try:
+        return joinable(DynamicCache(config=model.config))
+    except TypeError:  # transformers < 4.56: no per-layer caches
+        return False
 
 
 def _left_pad(cache: Any, mask: torch.Tensor, width: int) -> torch.Tensor:
