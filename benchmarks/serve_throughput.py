@@ -53,15 +53,16 @@ def fitted_edits(lm, folder: Path):
     return edits
 
 
-def start_server(app) -> tuple[uvicorn.Server, str]:
+def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
+    return server, thread, f"http://127.0.0.1:{port}"
 
 
 async def one_stream(client: httpx.AsyncClient, body: dict, started: float) -> tuple[str, int, float | None]:
@@ -132,7 +133,7 @@ def main() -> None:
     count = lambda texts: sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)  # noqa: E731
 
     app = create_app(lm, edits, max_batch=16, batch_wait_ms=args.batch_wait_ms)
-    server, base = start_server(app)
+    server, thread, base = start_server(app)
     mixed_models = [METHODS[i % len(METHODS)] for i in range(len(prompts))]
     generate(lm, prompts[:2], max_new_tokens=4)  # warm-up
     asyncio.run(concurrent(base, prompts[:2], ["default", "palette"], 4))
@@ -159,6 +160,7 @@ def main() -> None:
                 same_as_plain.append(sum(text.strip() == reply for (text, _, _), reply in zip(results, replies)))
     errors, good_status = asyncio.run(malformed(base, 100))
     server.should_exit = True
+    thread.join(60)  # the app's shutdown stops the batcher; exiting under a running thread can abort the process
 
     plain = statistics.median(plain_runs)
     print(row("plain batched generate, 16 prompts", f"{plain_tokens / plain:.1f} tok/s", "-", None))
