@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from personaedit.eval.judge_training import specificity_report
 from personaedit.eval.text_judge import (
     AXES, DIMENSIONS, TRAITS, SentenceEncoder, TextJudge, default_head_path, evaluate_on_check_set,
     evaluate_text_judge,
@@ -34,8 +35,8 @@ PAIRS = {
     ),
 }
 
-# Measured with the shipped head (see its .json metadata: 1.0, 0.95, 1.0, 0.9, 1.0) minus two texts (0.1).
-MIN_TEST_ACCURACY = {"openness": 0.9, "conscientiousness": 0.85, "extraversion": 0.9, "agreeableness": 0.8,
+# Measured with the shipped head (see its .json metadata: 0.95, 0.95, 1.0, 0.9, 1.0) minus two texts (0.1).
+MIN_TEST_ACCURACY = {"openness": 0.85, "conscientiousness": 0.85, "extraversion": 0.9, "agreeableness": 0.8,
                      "neuroticism": 0.9}
 
 
@@ -54,11 +55,14 @@ def test_encoder_gives_unit_norm_sentence_embeddings_that_know_paraphrases(encod
 
 
 def test_shipped_head_is_small_and_describes_itself(judge):
-    assert default_head_path().stat().st_size < 1_100_000  # 14 rows of 18,432 float32
+    # 23 rows of 18,432 float32: a pole and a gate row per dimension (issue 13: high / low / not expressed,
+    # before it 9 pole rows only, under 1.1 MB) and the 5 trait rows
+    assert default_head_path().stat().st_size < 1_750_000
     meta = judge.head.metadata
     assert judge.encoder_key == "mpnet" and meta["feature_dim"] == 2 * 12 * 768
     assert meta["dimensions"] == list(DIMENSIONS) and meta["training"]["l2_chosen_on"] == "validation"
-    assert judge.head.pole_weight.shape == (9, meta["feature_dim"])
+    assert judge.head.form == "softmax3" and meta["format"] == 2
+    assert judge.head.pole_weight.shape == judge.head.gate_weight.shape == (9, meta["feature_dim"])
 
 
 def test_clearly_high_and_low_texts_score_in_the_right_direction(judge):
@@ -86,7 +90,31 @@ def test_test_split_accuracy_per_trait_matches_the_recorded_training_run(judge):
 
 def test_check_set_accuracy_stays_where_it_was_measured(judge):
     acc = evaluate_on_check_set(judge)
-    assert acc["big_five_mean"] >= 0.86  # measured 0.904 (MiniLM head: 0.783)
-    assert acc["agreeableness"] >= 0.8  # measured 0.854 (MiniLM head: 0.833)
-    assert acc["mbti_mean"] >= 0.8  # measured 0.844
-    assert all(acc[a] >= 0.7 for a in AXES)  # lowest measured 0.792
+    assert acc["big_five_mean"] >= 0.86  # measured 0.917 (pole head before issue 13: 0.904; MiniLM head: 0.783)
+    assert acc["agreeableness"] >= 0.8  # measured 0.896 (before issue 13: 0.854; MiniLM head: 0.833)
+    assert acc["mbti_mean"] >= 0.8  # measured 0.875
+    assert all(acc[a] >= 0.7 for a in AXES)  # lowest measured 0.833
+
+
+def test_the_judge_is_specific_on_the_test_split_and_the_check_set(judge):
+    # Issue 13's targets; measured (docs/MEASUREMENT.md): off-target 0.046 / 0.034, max |r| 0.184 / 0.053, and the
+    # pole head before issue 13: 0.657 / 0.661 and 0.748 / 0.675.
+    report = specificity_report(judge)
+    for name in ("test", "check"):
+        got = report[name]
+        assert got["pole_accuracy"]["big_five"] >= 0.9, name
+        assert got["off_target_mean_abs"]["big_five"] <= 0.3, name
+        assert got["intercorrelation"]["big_five"]["max_abs_off_diagonal"] <= 0.3, name
+        assert got["on_target_mean_abs"]["big_five"] >= 0.3, name  # measured 0.767 / 0.420: it still reads the trait
+        assert got["calibration"]["three_way_top_label"]["ece"] <= 0.1, name  # measured 0.005 / 0.035
+    assert report["test"]["neutral_mean_abs"]["all"] <= 0.1  # measured 0.003
+
+
+def test_degenerate_text_is_unscorable_on_the_real_judge(judge):
+    texts = ["I'd LOVE to do a free-LEM-LEM-LEM-LEM-LEM-LEM-LEM-LEM",
+             "interingeverse exponential precipitation hepatitisapter Ourible memorabsorption picnic eucalyptus",
+             "", PAIRS["openness"][0]]
+    found = judge.assess(texts)
+    assert [a.unscorable for a in found] == [True, True, True, False]
+    assert all(v == 0.0 for a in found[:3] for v in a.scores.values())
+    assert found[3].scores["openness"] > 0.3

@@ -315,7 +315,8 @@ def specificity(probs: np.ndarray, data: TextSet) -> dict[str, Any]:
     """The issue-13 measures of a judge's three-way probabilities [n, 9, 3] on labelled texts.
 
     - pole accuracy: on the texts that express a dimension, the share whose score p(high) − p(low) has the
-      sign of their pole (per dimension; pooled over the Big Five traits and over the MBTI axes);
+      sign of their pole (per dimension; pooled over the Big Five traits and over the MBTI axes), and their
+      mean |score| (on-target: how strongly the judge reads the dimension where it is expressed);
     - off-target mean |score|: a dimension's |score| on the texts of the *other* dimensions of its family
       (the other traits for a trait, the other axes for an axis);
     - neutral mean |score| on the neutral texts (if any);
@@ -328,9 +329,10 @@ def specificity(probs: np.ndarray, data: TextSet) -> dict[str, Any]:
     scores = probs[..., HIGH] - probs[..., LOW]
     dims = np.array([d if d is not None else "" for d in data.dims])
     poles = np.array([p if p is not None else -1 for p in data.poles])
-    out: dict[str, Any] = {"pole_accuracy": {}, "off_target_mean_abs": {}, "n_on_target": {}}
+    out: dict[str, Any] = {"pole_accuracy": {}, "on_target_mean_abs": {}, "off_target_mean_abs": {}, "n_on_target": {}}
     right_all: dict[str, list[bool]] = {"big_five": [], "mbti": []}
     off_all: dict[str, list[float]] = {"big_five": [], "mbti": []}
+    on_all: dict[str, list[float]] = {"big_five": [], "mbti": []}
     conf, correct, pole_conf, pole_correct = [], [], [], []
     for j, dim in enumerate(DIMENSIONS):
         family, group = ("big_five", TRAITS) if dim in TRAITS else ("mbti", AXES)
@@ -339,8 +341,10 @@ def specificity(probs: np.ndarray, data: TextSet) -> dict[str, Any]:
         off = np.isin(dims, [d for d in group if d != dim])
         if on.any():
             out["pole_accuracy"][dim] = float(right.mean())
+            out["on_target_mean_abs"][dim] = float(np.abs(scores[on, j]).mean())
             out["n_on_target"][dim] = int(on.sum())
             right_all[family] += right.tolist()
+            on_all[family] += np.abs(scores[on, j]).tolist()
         if off.any():
             out["off_target_mean_abs"][dim] = float(np.abs(scores[off, j]).mean())
             off_all[family] += np.abs(scores[off, j]).tolist()
@@ -356,6 +360,7 @@ def specificity(probs: np.ndarray, data: TextSet) -> dict[str, Any]:
     for family in ("big_five", "mbti"):
         if right_all[family]:
             out["pole_accuracy"][family] = float(np.mean(right_all[family]))
+            out["on_target_mean_abs"][family] = float(np.mean(on_all[family]))
         if off_all[family]:
             out["off_target_mean_abs"][family] = float(np.mean(off_all[family]))
             out.setdefault("off_target_share_above_0.5", {})[family] = float(np.mean(np.array(off_all[family]) > 0.5))
@@ -401,11 +406,14 @@ def reliability_plot(reports: Mapping[str, Mapping[str, Any]], path: str | Path)
         for (name, report), marker in zip(reports.items(), "os^D"):
             cal = report["calibration"][key]
             bins = cal["bins"]
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker,
-                    label=f"{name}: ECE {cal['ece']:.3f} (n={cal['n']})")
+            line, = ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker,
+                            label=f"{name}: ECE {cal['ece']:.3f} (n={cal['n']})")
+            for b in bins:  # how many (text, dimension) pairs each point stands for
+                ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), textcoords="offset points", xytext=(4, -9),
+                            fontsize=6, color=line.get_color())
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("mean confidence in bin")
+        ax.set_xlabel("mean confidence in bin (numbers: pairs in the bin)")
         ax.set_ylabel("share correct in bin")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
