@@ -484,17 +484,22 @@ def judge_train(
                                  help="First train a LoRA adapter on the encoder (early-stopped on validation; minutes)."),
     encoder: Optional[str] = typer.Option(None, "--encoder",
                                           help="mpnet (default) | minilm (the encoder before issue 3; --adapter needs it)."),
+    form: str = typer.Option("softmax3", "--form",
+                             help="softmax3 (default: high / low / not expressed) | gated | pole (the head before issue 13)."),
 ) -> None:
     """Train the judge's heads on the training split (regularisation chosen on validation) and report accuracy."""
     from personaedit.eval.judge_adapter import AdapterConfig
-    from personaedit.eval.text_judge import JUDGE_ENCODER, encoder_key, train_text_judge
+    from personaedit.eval.text_judge import HEAD_FORMS, JUDGE_ENCODER, encoder_key, train_text_judge
 
     key = encoder_key(encoder or ("minilm" if adapter else JUDGE_ENCODER))
     if adapter and key != "minilm":
         raise InputFileError("--adapter trains a LoRA adapter on all-MiniLM-L6-v2: use it with --encoder minilm")
+    if form not in HEAD_FORMS:
+        raise InputFileError(f"unknown --form {form!r}: expected one of {', '.join(HEAD_FORMS)}")
+    check_output_path(out)
     with _progress() as progress:
         task = progress.add_task("training the judge", total=None)
-        result = train_text_judge(out, seed=seed, adapter=AdapterConfig() if adapter else None, encoder_name=key,
+        result = train_text_judge(out, seed=seed, adapter=AdapterConfig() if adapter else None, encoder_name=key, form=form,
                                   on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     stdout.print(json.dumps(result, indent=2, sort_keys=True, default=str), markup=False)
 
@@ -523,12 +528,16 @@ def judge_evaluate(
         stdout.print(json.dumps(report, indent=1), markup=False)
         return
     names = {split: f"{split} split", "check": "check set"}
-    table = Table("dimension", *(f"{names[k]}: {m}" for k in names for m in ("pole accuracy", "off-target mean |score|")))
+    table = Table("dimension", *(f"{names[k]}\n{m}" for k in names for m in ("pole accuracy", "on |score|", "off |score|")),
+                  caption="on |score|: mean |score| on texts of the dimension; off |score|: on texts of the other "
+                          "dimensions of its family (the smaller, the more specific)")
     for key in (*DIMENSIONS, "big_five", "mbti"):
         cells = []
         for k in names:
-            acc, off = report[k]["pole_accuracy"].get(key), report[k]["off_target_mean_abs"].get(key)
-            cells += ["-" if acc is None else f"{acc:.1%}", "-" if off is None else f"{off:.3f}"]
+            acc, on = report[k]["pole_accuracy"].get(key), report[k]["on_target_mean_abs"].get(key)
+            off = report[k]["off_target_mean_abs"].get(key)
+            cells += ["-" if acc is None else f"{acc:.1%}", "-" if on is None else f"{on:.3f}",
+                      "-" if off is None else f"{off:.3f}"]
         table.add_row("Big Five (pooled)" if key == "big_five" else "MBTI (pooled)" if key == "mbti" else key, *cells)
     stdout.print(table)
     for k, name in names.items():
