@@ -108,9 +108,9 @@ def run_degenerate(seed: int) -> None:
     from personaedit.eval.text_judge import mpnet_dir
     from personaedit.models.loading import converted_gguf_folder, default_model_gguf
 
-    print("project texts (none may be flagged); minimum words, loop share, 3-gram repeats, distinct ratio, "
-          "function-word share, word-like share over each file (min / max as fits the rule)")
     own = project_texts()
+    print(f"project texts: {sum(map(len, own.values()))} (none may be flagged); minimum words, loop share, 3-gram "
+          "repeats, distinct ratio, function-word share, word-like share over each file (min / max as fits the rule)")
     for name, texts in own.items():
         got = [degenerate.assess(t) for t in texts]
         count, reasons = flagged(texts)
@@ -134,6 +134,7 @@ def run_degenerate(seed: int) -> None:
         count, reasons = flagged(texts)
         print(f"  {name:40s} n={len(texts):4d} flagged={count} ({count / len(texts):.1%}) {dict(reasons)}"
               f"  function share median {np.median([r.function_share for r in got]):.2f}"
+              f" (max {max(r.function_share for r in got):.2f})"
               f"  word-like median {np.median([r.wordlike_share for r in got]):.2f}")
         for text, r in zip(texts, got):
             if not r.unscorable:
