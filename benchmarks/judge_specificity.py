@@ -10,9 +10,10 @@ second run encodes nothing):
   python benchmarks/judge_specificity.py --select
       the model selection on the train and validation splits only: for each head form (softmax3, gated),
       each C of the grid, validation pole accuracy, off-target mean |score| and balanced log-loss.
-  python benchmarks/judge_specificity.py --degenerate
+  python benchmarks/judge_specificity.py --degenerate [--replies REPLIES.jsonl]
       the unscorable rules (eval/degenerate.py) on every text the project wrote (none may be flagged), on
-      random token soup decoded from the default model's and MPNet's tokenizers, and on synthetic loops.
+      random token soup decoded from the default model's and MPNet's tokenizers, on synthetic loops, and on
+      model replies (`personaedit generate --json` output).
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def flagged(texts: list[str]) -> tuple[int, Counter]:
     return sum(r.unscorable for r in results), Counter(reason for r in results for reason in r.reasons)
 
 
+def run_replies(path: Path) -> None:
+    """The unscorable rules on model replies: a JSONL file with a "text" per line (`personaedit generate --json`)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    got = [degenerate.assess(r["text"]) for r in rows]
+    print(f"{path}: {sum(g.unscorable for g in got)} of {len(rows)} replies unscorable")
+    for row, g in zip(rows, got):
+        if g.unscorable:
+            print(f"  {g.reasons} (3-gram repeats {g.repeated_trigrams:.2f}, loop {g.loop_share:.2f}): {row['text'][:160]!r}")
+    print("  3-gram repeat share of the others, largest: "
+          f"{sorted((g.repeated_trigrams for g in got if not g.unscorable), reverse=True)[:5]}")
+
+
 def run_degenerate(seed: int) -> None:
     from transformers import AutoTokenizer
 
@@ -169,6 +182,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--degenerate", action="store_true")
+    parser.add_argument("--replies", type=Path, help="with --degenerate: also check these replies (JSONL, \"text\")")
     parser.add_argument("--select", action="store_true")
     parser.add_argument("--forms", help="comma-separated head forms for --select")
     parser.add_argument("--c", help="comma-separated C grid for --select")
@@ -178,6 +192,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.degenerate:
         run_degenerate(args.seed)
+        if args.replies:
+            run_replies(args.replies)
     elif args.select:
         run_select(args)
     else:
