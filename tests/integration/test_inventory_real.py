@@ -1,9 +1,9 @@
 """The inventory self-report on the real default model (SmolLM2-135M-Instruct).
 
-Measured: the model puts ~99.7% of the next-token mass on the option letters, but its choice is almost
-entirely positional (B/C whatever the statement), so after order averaging every trait sits at 3.0 +- 0.03,
-and a persona system prompt does not move the extraversion score (high 2.988 vs low 2.990). These tests
-check what holds: the format is answered, batching is exact, and a persona prompt reaches the measurement.
+Measured (benchmarks/inventory_direction.py): with *letters* the model puts ~99.7% of the next-token mass on
+the option letters, but its choice is almost entirely positional, so after order averaging every trait sits
+at 3.0 +- 0.01 whatever the persona prompt. With *agreement* scoring (p(yes) per statement, the default) a
+persona prompt moves extraversion in its direction: high - low = +0.17 [+0.05, +0.27] per item (24 items).
 """
 
 import pytest
@@ -23,7 +23,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def base(lm):
-    return inv.run_inventory(lm, traits=["extraversion"], items_per_facet=2, mbti=False)
+    return inv.run_inventory(lm, traits=["extraversion"], items_per_facet=2, mbti=False, scoring="letters")
 
 
 def test_default_model_answers_with_an_option_letter(base):
@@ -50,10 +50,21 @@ def test_persona_prompt_reaches_the_inventory(lm, base):
     scores = {}
     for level in ("high", "low"):
         with prompt_edit(f"extraversion={level}").apply(lm):
-            result = inv.run_inventory(lm, traits=["extraversion"], items_per_facet=1, mbti=False)
+            result = inv.run_inventory(lm, traits=["extraversion"], items_per_facet=1, mbti=False, scoring="letters")
         assert result.items[0]["number"] == base.items[0]["number"] == 2
         assert result.items[0]["probs_normal"] != base.items[0]["probs_normal"]
         scores[level] = result.traits["extraversion"].mean
     assert all(1 <= s <= 5 for s in scores.values())
-    # The 135M model does not respond in direction (see the module docstring); larger models should:
-    # scores["high"] > scores["low"].
+
+
+def test_agreement_scoring_moves_with_a_persona_prompt(lm):
+    """The direction check: a prompt for high extraversion raises the self-report over one for low, per item,
+    with a paired interval above 0 (letters scoring cannot show this on this model; see the docstring)."""
+    from personaedit.eval.effect import MOVED, paired_effect
+
+    items = {}
+    for level in ("high", "low"):
+        with prompt_edit(f"extraversion={level}").apply(lm):
+            items[level] = inv.run_inventory(lm, traits=["extraversion"], mbti=False).items
+    effect = paired_effect([r["expected"] for r in items["low"]], [r["expected"] for r in items["high"]])
+    assert effect.n == 24 and effect.verdict == MOVED, effect
