@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaedit.cli import main
+from clirun import run_cli as run
 from personaedit.edits import ActivationEdit, BaseModelInfo, ComposedEdit, ContextEdit, Delta, Intervention, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.export import (ExportError, export_control_vector, export_edit, export_gguf_model, export_peft,
@@ -324,14 +324,6 @@ def test_prompt_export_of_prompt_ike_and_refusal_of_serac(tmp_path):
 
 # --- the command ---------------------------------------------------------------------------------------
 
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_export_one_line_and_exit_2_naming_the_formats(tmp_path, capsys):

@@ -68,13 +68,13 @@ def check_dtype(dtype: str | None) -> None:
 
 
 def finite_number(text: str, *, what: str) -> float:
-    """A float that is finite (not nan, not inf, not an overflow such as 1e309)."""
+    """A float that is finite (not nan, not inf, not an overflow such as 1e309); `what` opens the error line."""
     try:
         value = float(text)
     except ValueError:
-        raise PersonaEditError(f"{what}: {text!r} is not a number") from None
+        raise PersonaEditError(f"{what} must be a number, got {text!r}") from None
     if not math.isfinite(value):
-        raise PersonaEditError(f"{what}: {text!r} is not a finite number")
+        raise PersonaEditError(f"{what} must be a finite number, got {text!r}")
     return value
 
 
@@ -85,11 +85,5 @@ def parse_edit_option(text: str) -> tuple[Path, float]:
     if ":" not in text or Path(text).is_dir():
         return Path(text), 1.0
     head, tail = text.rsplit(":", 1)
-    try:
-        strength = float(tail)
-    except ValueError:
-        raise PersonaEditError(f"--edit {text!r}: expected DIR or DIR:STRENGTH with STRENGTH a number, "
-                               f"and {text} is not a folder") from None
-    if not math.isfinite(strength):
-        raise PersonaEditError(f"--edit {text!r}: STRENGTH must be a finite number, got {tail!r}")
-    return Path(head), strength
+    what = f"--edit {text!r}: expected DIR or DIR:STRENGTH ({text} is not a folder); STRENGTH"
+    return Path(head), finite_number(tail, what=what)

@@ -19,7 +19,6 @@ Options a method does not use are refused, so nothing is silently ignored.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from personaedit.errors import InputFileError, PersonaEditError
 from personaedit.merge.methods import MergeOptions, get_merge_method, normalize_mode
+from personaedit.preflight import finite_number
 
 DEFAULT_SHARD_SIZE = "2GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -146,13 +146,7 @@ def parse_vector_option(text: str) -> VectorRef:
     path, sep, weight = text.rpartition("=")
     if not sep:
         return VectorRef(path=Path(text))
-    try:
-        alpha = float(weight)
-    except ValueError:
-        raise PersonaEditError(f"--vector {text!r}: the weight after '=' must be a number (e.g. DIR=0.5)") from None
-    if not math.isfinite(alpha):
-        raise PersonaEditError(f"--vector {text!r}: the weight after '=' must be a finite number")
-    return VectorRef(path=Path(path), weight=alpha)
+    return VectorRef(path=Path(path), weight=finite_number(weight, what=f"--vector {text!r}: the weight after '=' (DIR=ALPHA)"))
 
 
 def config_from_options(**options: Any) -> MergeConfig:
