@@ -45,12 +45,22 @@ def test_a_null_effects_interval_covers_zero_in_at_least_90_percent_of_draws():
 
 
 def test_the_interval_matches_a_hand_computed_percentile_bootstrap():
-    values = np.array([0.1, 0.4, -0.2, 0.3, 0.0, 0.5, 0.2, -0.1])
+    values = np.array([0.1, 0.4, -0.2, 0.3, 0.0, 0.5, 0.2, -0.1] * 3)  # 24 items: the bootstrap's range
     effect = mean_effect(values, resamples=3000, seed=7)
     rng = np.random.default_rng(123)
     means = values[rng.integers(0, values.size, (20000, values.size))].mean(1)
     assert effect.low == pytest.approx(np.quantile(means, 0.025), abs=0.02)
     assert effect.high == pytest.approx(np.quantile(means, 0.975), abs=0.02)
+
+
+def test_few_items_get_students_t_interval():
+    values = [0.19, 0.02]  # two questions: a bootstrap would call [+0.02, +0.19] an effect
+    effect = mean_effect(values)
+    half = 12.7062047 * np.std(values, ddof=1) / np.sqrt(2)  # t(0.975, 1 degree of freedom)
+    assert effect.low == pytest.approx(0.105 - half) and effect.high == pytest.approx(0.105 + half)
+    assert effect.verdict == NO_EFFECT
+    assert mean_effect([0.3, 0.35, 0.32, 0.31, 0.33]).verdict == MOVED  # few but consistent items still count
+    assert math.isnan(mean_effect([0.4]).low)
 
 
 def test_constant_differences_give_a_point_interval_and_nan_items_are_dropped():

@@ -751,8 +751,8 @@ def demo(
                                            for t, replies in result.columns.items()))
     stdout.print(table)
     stdout.print("judge: the offline text judge's score of each reply towards the persona (-1 … +1); effect: per question, "
-                 f"the column's score − the plain model's, with its 95% bootstrap interval over {len(result.questions)} "
-                 "question(s) (few questions: a wide interval; `personaedit eval` measures on every held-out question)")
+                 f"the column's score − the plain model's, with its 95% interval over {len(result.questions)} question(s) "
+                 "(Student's t: few questions, a wide interval; `personaedit eval` measures on 100 held-out questions)")
     write_demo_html(result, lm.spec, html_path)
     err.print(f"html -> {html_path}")
 

@@ -45,7 +45,7 @@ class DemoResult:
 
     def effect(self, title: str) -> Effect | None:
         """The column's effect by the protocol eval and bench use: per question, score − the plain model's, with
-        its bootstrap interval (wide with a demo's few questions) and verdict. None for the plain model."""
+        its interval (Student's t with a demo's few questions: wide) and verdict. None for the plain model."""
         if title == PLAIN or title not in self.scores or PLAIN not in self.scores:
             return None
         return paired_effect(self.scores[PLAIN], self.scores[title])

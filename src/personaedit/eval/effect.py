@@ -24,6 +24,9 @@ WRONG_WAY = "moved the wrong way"
 NO_EFFECT = "no measurable effect"
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+# Below this many items a percentile bootstrap interval is too narrow (with 2 items it is just their range);
+# the mean's interval is then Student's t, which widens as the items get fewer.
+SMALL_SAMPLE = 20
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,31 @@ def _interval(data: tuple[np.ndarray, ...], statistic: Callable[..., float], *, 
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Student's t interval of the mean (NaN for a single item, the point for items that do not vary)."""
+    from scipy.stats import t
+
+    if values.size < 2:
+        return math.nan, math.nan
+    spread = float(values.std(ddof=1)) / math.sqrt(values.size)
+    mean = float(values.mean())
+    if spread == 0:
+        return mean, mean
+    half = float(t.ppf(0.5 + confidence / 2, values.size - 1)) * spread
+    return mean - half, mean + half
+
+
 def mean_effect(differences: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                 seed: int = 0) -> Effect:
-    """The mean of per-item differences with its bootstrap interval (NaN items are dropped)."""
+    """The mean of per-item differences with its interval: percentile bootstrap, or Student's t below
+    SMALL_SAMPLE items (NaN items are dropped)."""
     values = np.asarray([d for d in differences if not math.isnan(d)], dtype=np.float64)
     if values.size == 0:
         return Effect(math.nan, math.nan, math.nan, 0, confidence)
-    low, high = _interval((values,), np.mean, confidence=confidence, resamples=resamples, seed=seed)
+    if values.size < SMALL_SAMPLE:
+        low, high = _t_interval(values, confidence)
+    else:
+        low, high = _interval((values,), np.mean, confidence=confidence, resamples=resamples, seed=seed)
     return Effect(float(values.mean()), low, high, int(values.size), confidence)
 
 
