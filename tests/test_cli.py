@@ -150,3 +150,14 @@ def test_every_option_of_every_method_has_help():
     assert "quantile of the layer" in get_method("dpnle").option_help()["quantile"]
     assert "earlier queries' keys" in get_method("palette").option_help()["protect"]
     assert "own reply under the persona prompt" in get_method("mend").option_help()["text"]
+
+
+def test_help_does_not_import_torch():
+    """`personaedit --help` answers without loading torch (the method commands load it when `edit` is used)."""
+    probe = ("import sys; from personaedit.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+    assert "edit" in result.stdout and "export" in result.stdout

@@ -234,13 +234,15 @@ def _edit_command(name: str):
 
 
 def _register_edit_commands() -> None:
+    """One `edit METHOD` command per registered method. Building them imports every method (and torch), so it
+    happens only for a command line that uses `edit`: `personaedit --help` stays fast."""
     from personaedit.methods import all_methods
 
+    if _state.get("edit_commands"):
+        return
     for name in all_methods():
         edit_app.command(name=name)(_edit_command(name))
-
-
-_register_edit_commands()
+    _state["edit_commands"] = True
 
 
 @app.command()
@@ -765,9 +767,12 @@ app.command()(serve)
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app; user errors and usage errors print one line and exit with status 2."""
     click = _click_exceptions()
+    args = sys.argv[1:] if argv is None else argv
+    if "edit" in args:
+        _register_edit_commands()
     command = typer.main.get_command(app)
     try:
-        command.main(args=sys.argv[1:] if argv is None else argv, prog_name="personaedit", standalone_mode=False)
+        command.main(args=args, prog_name="personaedit", standalone_mode=False)
     except PersonaEditError as exc:
         _fail(exc, str(exc))
     except getattr(click, "NoArgsIsHelpError", ()) as exc:  # a group called bare: its help, as click would
