@@ -86,9 +86,14 @@ def test_an_edit_made_for_a_topic_gets_the_personalityedit_metrics(lm, monkeypat
 
     edit = fit_edit("steer", lm, "extraversion=high", layer="1", pairs=8)
     edit = dataclasses.replace(edit, options={**edit.options, "topic": "chess"})
-    report = run_suite(lm, 4 * edit, suite="tiny", judge=TraitJudge())
+    class RatingJudge:  # an LLM judge: base replies rated 2, edited ones 4, one rating refused
+        def rate_pae(self, texts, trait, pole):
+            half = len(texts) // 2
+            return [2] * (half - 1) + [None] + [4] * half
+
+    report = run_suite(lm, 4 * edit, suite="tiny", judge=TraitJudge(), llm_judge=RatingJudge())
     topic = report["personalityedit"]
     assert topic["topic"] == "chess" and topic["trait"] == "extraversion" and topic["pole"] == "high"
-    assert 0 <= topic["es"] <= 1 and topic["dd"] > 0 and topic["pae"] is None
+    assert 0 <= topic["es"] <= 1 and topic["dd"] > 0 and topic["pae"] == pytest.approx(2.0)  # pairs rated both
     assert topic["pairs"] == 3 and (topic["coherent_pairs"] == 0 or topic["acc"] == 1.0)
     assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
