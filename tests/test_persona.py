@@ -54,3 +54,10 @@ def test_describe_uses_pole_adjectives_and_intensity():
     assert "very outgoing" in high and "reserved" not in high
     assert "a bit reserved" in low
     assert describe(Persona.parse("extraversion=0")) == ""
+
+
+def test_towards_signs_each_dimension_by_its_pole():
+    from personaedit.persona import Persona
+
+    persona = Persona.parse("extraversion=high,agreeableness=low")
+    assert persona.towards({"extraversion": 0.4, "agreeableness": 0.2, "openness": 0.9}) == pytest.approx((0.4 - 0.2) / 2)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from personaedit.bench.measure import towards
 from personaedit.data import records
 from personaedit.eval.effect import Effect, paired_effect
 from personaedit.fileio import write_text_atomic
@@ -90,7 +89,7 @@ def run_demo(
             result.columns[title] = generate(lm, questions, max_new_tokens=max_new_tokens)
     step("judging")
     for title, replies in result.columns.items():
-        result.scores[title] = [towards(persona, s) for s in judge.score(replies)]
+        result.scores[title] = [persona.towards(s) for s in judge.score(replies)]
     return result
 
 

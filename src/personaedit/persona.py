@@ -212,6 +212,11 @@ class Persona:
     def as_dict(self) -> dict[str, float]:
         return dict(self.levels)
 
+    def towards(self, scores: Mapping[str, float]) -> float:
+        """Mean judge score over this persona's dimensions, signed so that + means towards its poles."""
+        signed = [(1.0 if level > 0 else -1.0) * scores[dim] for dim, level in self.levels if level != 0]
+        return sum(signed) / len(signed) if signed else 0.0
+
     def spec(self) -> str:
         """The spec string that parses back to this persona (poles by name at ±1)."""
         parts = []

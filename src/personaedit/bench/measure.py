@@ -60,9 +60,8 @@ def neutral_prompts(suite: BenchSuite) -> list[str]:
 
 
 def towards(persona: Persona, scores: dict[str, float]) -> float:
-    """Mean judge score of the persona's dimensions, signed so that + means towards the persona's poles."""
-    signed = [(1.0 if level > 0 else -1.0) * scores[dim] for dim, level in persona.as_dict().items() if level != 0]
-    return sum(signed) / len(signed) if signed else 0.0
+    """The score towards `persona`'s poles (see `Persona.towards`)."""
+    return persona.towards(scores)
 
 
 def _mean(scores: list[dict[str, float]]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from personaedit.bench.runner import BASE
 from personaedit.bench.store import ResultStore
 from personaedit.eval.metrics import pearson, spearman
 from personaedit.fileio import atomic_path, write_json_atomic, write_text_atomic
-from personaedit.bench.measure import towards
 from personaedit.eval.effect import MOVED, WRONG_WAY, paired_effect
 from personaedit.persona import MBTI_LEGEND, Persona
 
@@ -85,8 +84,8 @@ def _cell_effect(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | 
     if "item_scores" not in base or "item_scores" not in row or len(base["item_scores"]) != len(row["item_scores"]):
         return None
     persona = Persona.parse(row["persona"])
-    return paired_effect([towards(persona, s) for s in base["item_scores"]],
-                         [towards(persona, s) for s in row["item_scores"]]).to_dict()
+    return paired_effect([persona.towards(s) for s in base["item_scores"]],
+                         [persona.towards(s) for s in row["item_scores"]]).to_dict()
 
 
 def _mean(values: list[float]) -> float | None:

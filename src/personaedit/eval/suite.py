@@ -18,7 +18,6 @@ from typing import Any, Callable
 from personaedit.data import records
 from personaedit.edits import ComposedEdit, Edit
 from personaedit.eval import metrics, readings
-from personaedit.bench.measure import towards
 from personaedit.eval.topic_metrics import edit_topic, topic_metrics
 from personaedit.eval.effect import effects_to_dict, mean_effect, paired_effect, paired_ratio, signed_logprob_changes, trait_effects
 from personaedit.errors import PersonaEditError
@@ -137,7 +136,7 @@ def run_suite(
             conflicted = generate(lm, situational, system=opposite, max_new_tokens=config.max_new_tokens,
                                   on_batch=stage(f"{label}: robustness"))
             conflicted_scores = judge.score(conflicted)
-            per_item[label]["robust"] = [towards(persona, s) for s in conflicted_scores]
+            per_item[label]["robust"] = [persona.towards(s) for s in conflicted_scores]
             result["robustness"] = {
                 "system_prompt": opposite,
                 "questions": len(situational),
@@ -211,14 +210,14 @@ def _controllability(lm: LoadedModel, edit: Edit, persona: Persona, situational:
 
     def own(label: str) -> list[float]:
         replies = conditions[label]["expression"]["replies"]
-        return [towards(persona, replies[i]["scores"]) for i in asked]
+        return [persona.towards(replies[i]["scores"]) for i in asked]
 
     by_strength = {0.0: own("base"), 1.0: own("edited")}
     for strength in config.controllability_strengths:
         with edit.apply(lm, strength, force=force):
             replies = generate(lm, [situational[i] for i in asked], max_new_tokens=config.max_new_tokens,
                                on_batch=stage(f"strength {strength:g}: replies"))
-        by_strength[strength] = [towards(persona, s) for s in judge.score(replies)]
+        by_strength[strength] = [persona.towards(s) for s in judge.score(replies)]
     ordered = sorted(by_strength)
     xs = [x for x in ordered for _ in by_strength[x]]
     ys = [y for x in ordered for y in by_strength[x]]
