@@ -56,7 +56,8 @@ def test_random_prefixes_are_model_written_and_seeded(lm):
     assert first[0].startswith("The")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen3", "gemma2", "phi3",
+                                    "starcoder2", "phi", "falcon", "mpt", "bloom", "opt"])
 def test_rome_makes_the_target_the_greedy_continuation(family, tmp_path):
     lm = tiny_lm(family)
     request = Request.of(PROMPT, SUBJECT, TARGET)

@@ -145,7 +145,7 @@ def test_dpnle_touches_few_neurons_and_reports_them(lm):
 
 
 @pytest.mark.parametrize("name", ["steer", "npti", "dpnle"])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3", "starcoder2", "phi", "falcon", "mpt", "bloom", "opt"])
 def test_activation_methods_run_on_every_layout_and_round_trip(name, family, tmp_path):
     lm = tiny_lm(family)
     options = {"quantile": 0.5, "min_d": 0.0} if name == "dpnle" else {}

@@ -2,6 +2,21 @@
 
 Families are recognised by `config.model_type`; a model of an unlisted type is accepted when its
 module tree matches one of the known layouts exactly. Nothing here looks at model names.
+
+Family notes (all checked on tiny random models in tests/tiny.py):
+- OPT keeps `fc1`/`fc2` directly in the decoder layer: its MLP path is "" (the layer itself), and its
+  `mlp_out` site is `fc2`'s output (the layer's output would be the residual stream). Its MLP runs on
+  [batch·seq, width]; `hook_site` shows hooks [batch, seq, width] like every other family.
+- BLOOM and MPT add the residual inside their MLP module (and BLOOM inside its attention too), so
+  their `mlp_out` / `attn_out` sites are the output projections (`dense_4h_to_h` / `down_proj`,
+  `self_attention.dense`), which is exactly what each adds to the residual stream.
+- phi (1/2) and falcon (default `parallel_attn`) run attention and MLP in parallel on one norm; the
+  sites mean the same. Falcon adds the attention output *in place* into the MLP's output tensor after
+  the MLP returns: a hook that keeps the `mlp_out` tensor must copy it (capture does).
+- An unlisted type whose tree matches BLOOM's or falcon's gets BLOOM's layout: its sites (the output
+  projections) are right for both.
+- BLOOM and MPT use ALiBi: left-padded batches give the same greedy replies as one prompt at a time
+  (tests/test_arch.py checks this for every family).
 """
 
 from __future__ import annotations
@@ -26,6 +41,13 @@ class Layout:
     mlp: str
     mlp_in: tuple[str, ...]
     mlp_out: str
+    mlp_adds: str | None = None  # module (from the layer) whose output the MLP adds to the residual; None: `mlp`
+    attn_adds: str | None = None  # same for attention; None: `attention`
+    flat_mlp: bool = False  # the MLP runs on [batch·seq, width] (OPT); hooks reshape it to [batch, seq, width]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 LLAMA_LIKE = Layout("llama-like", "model.layers", "model.norm",
@@ -38,6 +60,19 @@ GPT2 = Layout("gpt2", "transformer.h", "transformer.ln_f",
               "attn", "mlp", ("c_fc",), "c_proj")
 GPT_NEOX = Layout("gpt-neox", "gpt_neox.layers", "gpt_neox.final_layer_norm",
                   "attention", "mlp", ("dense_h_to_4h",), "dense_4h_to_h")
+STARCODER2 = Layout("starcoder2", "model.layers", "model.norm",
+                    "self_attn", "mlp", ("c_fc",), "c_proj")
+PHI = Layout("phi", "model.layers", "model.final_layernorm",
+             "self_attn", "mlp", ("fc1",), "fc2")
+FALCON = Layout("falcon", "transformer.h", "transformer.ln_f",
+                "self_attention", "mlp", ("dense_h_to_4h",), "dense_4h_to_h")
+BLOOM = Layout("bloom", "transformer.h", "transformer.ln_f",
+               "self_attention", "mlp", ("dense_h_to_4h",), "dense_4h_to_h",
+               mlp_adds="mlp.dense_4h_to_h", attn_adds="self_attention.dense")
+MPT = Layout("mpt", "transformer.blocks", "transformer.norm_f",
+             "attn", "ffn", ("up_proj",), "down_proj", mlp_adds="ffn.down_proj")
+OPT = Layout("opt", "model.decoder.layers", "model.decoder.final_layer_norm",
+             "self_attn", "", ("fc1",), "fc2", mlp_adds="fc2", flat_mlp=True)
 
 LAYOUTS_BY_MODEL_TYPE: dict[str, Layout] = {
     **{t: LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
@@ -46,14 +81,24 @@ LAYOUTS_BY_MODEL_TYPE: dict[str, Layout] = {
     "gemma3": GEMMA3_MULTIMODAL,
     "gpt2": GPT2,
     "gpt_neox": GPT_NEOX,
+    "starcoder2": STARCODER2,
+    "phi": PHI,
+    "falcon": FALCON,
+    "bloom": BLOOM,
+    "mpt": MPT,
+    "opt": OPT,
 }
+# Tried in this order for a model whose model_type is not listed. BLOOM before falcon: their trees
+# match, and BLOOM's sites (the output projections) are also right for falcon, not the reverse.
+KNOWN_LAYOUTS = (LLAMA_LIKE, PHI3, GEMMA3_MULTIMODAL, GPT2, GPT_NEOX, STARCODER2, PHI, BLOOM, FALCON, MPT, OPT)
 
 SITES = ("residual", "mlp_hidden", "mlp_out", "attn_out")
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted `path`; "" is `root` itself."""
     module = root
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         module = getattr(module, part)
     return module
 
@@ -62,8 +107,10 @@ def _resolves(model: nn.Module, layout: Layout) -> bool:
     try:
         layers = _get(model, layout.layers)
         first = layers[0]
-        for path in (layout.attention, layout.mlp, layout.mlp_out, *layout.mlp_in):
-            _get(first, f"{layout.mlp}.{path}" if path in (layout.mlp_out, *layout.mlp_in) else path)
+        for path in (layout.attention, layout.mlp, layout.mlp_adds or "", layout.attn_adds or ""):
+            _get(first, path)
+        for path in (layout.mlp_out, *layout.mlp_in):
+            _get(first, _join(layout.mlp, path))
         _get(model, layout.final_norm)
         return isinstance(layers, nn.ModuleList)
     except (AttributeError, IndexError, TypeError):
@@ -82,7 +129,7 @@ class Architecture:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         layout = LAYOUTS_BY_MODEL_TYPE.get(model_type or "")
         if layout is None or not _resolves(model, layout):
-            candidates = [l for l in (LLAMA_LIKE, PHI3, GEMMA3_MULTIMODAL, GPT2, GPT_NEOX) if _resolves(model, l)]
+            candidates = [l for l in KNOWN_LAYOUTS if _resolves(model, l)]
             if not candidates:
                 known = ", ".join(sorted(LAYOUTS_BY_MODEL_TYPE))
                 raise UnsupportedArchitectureError(
@@ -137,6 +184,7 @@ class Architecture:
         return _get(self.layer(index), self.layout.attention)
 
     def mlp(self, index: int) -> nn.Module:
+        """The module holding layer `index`'s MLP projections (the layer itself for OPT)."""
         return _get(self.layer(index), self.layout.mlp)
 
     def mlp_in(self, index: int) -> list[nn.Module]:
@@ -148,7 +196,7 @@ class Architecture:
 
     def mlp_out_param(self, index: int) -> str:
         """Full parameter name of the `down_proj`-equivalent weight."""
-        return f"{self.layout.layers}.{self._check(index)}.{self.layout.mlp}.{self.layout.mlp_out}.weight"
+        return _join(self.layout.layers, str(self._check(index)), self.layout.mlp, self.layout.mlp_out, "weight")
 
     def mlp_out_weight(self, index: int) -> torch.Tensor:
         """The `down_proj` weight as [out, in] (a view; transposed for Conv1D)."""
@@ -170,10 +218,14 @@ class Architecture:
         if point == "mlp_hidden":
             return self.mlp_out(index), "input"
         if point == "mlp_out":
-            return self.mlp(index), "output"
+            return _get(self.layer(index), self.layout.mlp_adds or self.layout.mlp), "output"
         if point == "attn_out":
-            return self.attention(index), "output"
+            return _get(self.layer(index), self.layout.attn_adds or self.layout.attention), "output"
         raise UnsupportedArchitectureError(f"unknown activation site {point!r} (valid: {', '.join(SITES)})")
+
+    def flattens(self, point: str) -> bool:
+        """Whether the module at site `point` sees [batch·seq, width] rather than [batch, seq, width]."""
+        return self.layout.flat_mlp and point in ("mlp_hidden", "mlp_out")
 
     def site_width(self, point: str) -> int:
         return self.mlp_size if point == "mlp_hidden" else self.hidden_size

@@ -25,6 +25,12 @@ _GENERATED_FROM: contextvars.ContextVar[torch.Tensor | None] = contextvars.Conte
 def hook_site(arch: Architecture, point: str, layer: int, fn: SiteFn) -> RemovableHandle:
     """Call `fn` on the activation at (`point`, `layer`); a tensor it returns replaces the activation."""
     module, side = arch.site(point, layer)
+    if arch.flattens(point):  # OPT runs its MLP on [batch·seq, width]: show `fn` [batch, seq, width]
+        return _unflattened(arch, layer, module, side, fn)
+    return _hook(module, side, fn)
+
+
+def _hook(module: torch.nn.Module, side: str, fn: SiteFn) -> RemovableHandle:
     if side == "input":
         def pre_hook(_module, args):
             replaced = fn(args[0])
@@ -40,6 +46,32 @@ def hook_site(arch: Architecture, point: str, layer: int, fn: SiteFn) -> Removab
         return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
     return module.register_forward_hook(post_hook)
+
+
+class _Handles:
+    """Several hooks removed as one."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _unflattened(arch: Architecture, layer: int, module: torch.nn.Module, side: str, fn: SiteFn) -> RemovableHandle:
+    shape: list[torch.Size] = []
+
+    def record(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        shape[:] = [hidden.shape[:-1]]
+
+    def unflat(hidden: torch.Tensor) -> torch.Tensor | None:
+        replaced = fn(hidden.view(*shape[0], hidden.shape[-1]))
+        return None if replaced is None else replaced.reshape(hidden.shape)
+
+    first = arch.layer(layer).register_forward_pre_hook(record, with_kwargs=True)
+    return _Handles(first, _hook(module, side, unflat))  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

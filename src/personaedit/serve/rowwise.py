@@ -157,13 +157,15 @@ def _masked(fn, mask: torch.Tensor):
     return on_rows
 
 
-def _row_add(change: _ModuleDelta, strength: float, rows: torch.Tensor):
+def _row_add(change: _ModuleDelta, strength: float, rows: torch.Tensor, batch: int):
     """A forward hook adding strength · change(input) to the output rows in `rows` only."""
 
     def hook(_module, args, output):
-        inputs = args[0].index_select(0, rows)
-        delta = (strength * change.change(inputs)).to(output.dtype)
-        return output.index_add(0, rows, delta)
+        inputs, out = args[0], output
+        if out.dim() == 2 and out.shape[0] != batch:  # OPT's MLP sees [batch·seq, width]
+            inputs, out = inputs.view(batch, -1, inputs.shape[-1]), out.view(batch, -1, out.shape[-1])
+        delta = (strength * change.change(inputs.index_select(0, rows))).to(out.dtype)
+        return out.index_add(0, rows, delta).view(output.shape)
 
     return hook
 
@@ -189,7 +191,7 @@ def row_edits(lm: LoadedModel, assignments: Sequence[tuple[PreparedEdit, float] 
                     handles.append(hook_site(lm.arch, item.point, item.layer, _masked(body, mask)))
             for change, weight in prepared.weight_changes:
                 if strength * weight != 0:
-                    handles.append(change.module.register_forward_hook(_row_add(change, strength * weight, index)))
+                    handles.append(change.module.register_forward_hook(_row_add(change, strength * weight, index, batch)))
         yield
     finally:
         for handle in handles:
