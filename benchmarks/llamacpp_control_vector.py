@@ -19,6 +19,7 @@ Run: python benchmarks/llamacpp_control_vector.py --out /tmp/llamacpp-bench [--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -165,7 +166,7 @@ def main() -> None:
     def last_logits(edit=None) -> list[torch.Tensor]:
         rows = []
         for ids in prompt_ids:
-            with torch.no_grad(), (edit.apply(lm, args.strength) if edit else _null()):
+            with torch.no_grad(), (edit.apply(lm, args.strength) if edit else contextlib.nullcontext()):
                 rows.append(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float())
         return rows
 
@@ -215,14 +216,6 @@ def main() -> None:
         for name, value in results[key].items():
             print(f"  {name:<52} {value:.4g}")
     print(f"same sign: {results['same_sign']}; llama.cpp side {llama_seconds:.1f} s; results -> {out / 'results.json'}")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

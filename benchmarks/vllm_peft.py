@@ -26,6 +26,7 @@ Run: python benchmarks/vllm_peft.py --out /tmp/vllm-bench [--venv DIR] [--edit E
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -227,7 +228,7 @@ def main() -> None:
         """personaedit's greedy replies, one prompt at a time (no padding), with the chosen tokens' log-probs."""
         rows, t = [], time.perf_counter()
         for ids in prompt_ids:
-            with torch.no_grad(), (edit.apply(lm) if edited else _null()):
+            with torch.no_grad(), (edit.apply(lm) if edited else contextlib.nullcontext()):
                 output = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                            max_new_tokens=args.max_new_tokens, do_sample=False, temperature=None,
                                            top_p=None, top_k=None, eos_token_id=stops, pad_token_id=stops[0],
@@ -303,14 +304,6 @@ def main() -> None:
           f"without / {s['vllm_generate_adapter']:.1f} s with the adapter (subprocess {s['vllm_subprocess']:.1f} s); "
           f"personaedit generate {s['personaedit_generate_base']:.1f} s / {s['personaedit_generate_edit']:.1f} s; "
           f"load average {' '.join(f'{x:.2f}' for x in results['load_average'])}; results -> {out / 'results.json'}")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
