@@ -229,7 +229,7 @@ def _edit_command(name: str):
                                         default=typer.Option(... if param.default is inspect.Parameter.empty else param.default,
                                                              flag, help=helps.get(option))))
     command.__signature__ = inspect.Signature(params)
-    command.__doc__ = chosen.summary
+    command.__doc__ = f"{chosen.pretty_name}: {chosen.summary}\n\nReference: {chosen.reference}."
     return command
 
 

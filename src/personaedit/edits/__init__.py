@@ -2,7 +2,7 @@
 
 from personaedit.edits.activation import ActivationEdit, Intervention
 from personaedit.edits.base import BaseModelInfo, ComposedEdit, Edit, load_edit
-from personaedit.edits.context import ContextEdit, context_renderer
+from personaedit.edits.context import ContextEdit
 from personaedit.edits.routed import RoutedEdit
 from personaedit.edits.weight import Delta, WeightEdit
 
@@ -12,5 +12,5 @@ EDIT_KINDS: dict[str, type[Edit]] = {
 
 __all__ = [
     "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "EDIT_KINDS", "Edit",
-    "Intervention", "RoutedEdit", "WeightEdit", "context_renderer", "load_edit",
+    "Intervention", "RoutedEdit", "WeightEdit", "load_edit",
 ]

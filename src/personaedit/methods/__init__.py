@@ -1,5 +1,5 @@
-"""Methods, one module each, registered by name: fit(lm, persona, **options) -> Edit."""
+"""Methods, one module each, listed by name in `registry.METHODS`: fit(lm, persona, **options) -> Edit."""
 
-from personaedit.methods.registry import Method, all_methods, fit_edit, get_method, method
+from personaedit.methods.registry import METHODS, Method, all_methods, fit_edit, get_method
 
-__all__ = ["Method", "all_methods", "fit_edit", "get_method", "method"]
+__all__ = ["METHODS", "Method", "all_methods", "fit_edit", "get_method"]

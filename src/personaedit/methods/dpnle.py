@@ -25,7 +25,6 @@ import torch
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.methods.capture import capture_pairs
 from personaedit.methods.contrast import cohens_d, contrastive_pairs, parse_layers, per_dimension
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
 
@@ -38,7 +37,6 @@ def select_neurons(high: torch.Tensor, low: torch.Tensor, quantile: float, min_d
     return s, torch.nonzero(large & (d > min_d)).flatten(), torch.nonzero(large & (d < -min_d)).flatten()
 
 
-@method("dpnle", family="activation")
 def fit(
     lm: LoadedModel,
     persona: Persona,

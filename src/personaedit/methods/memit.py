@@ -23,7 +23,6 @@ from personaedit.methods.contrast import parse_layers
 from personaedit.methods.locate import (ValueOptions, as_delta, default_layer, keys_and_outputs, optimise_delta,
                                         random_prefixes, read_in_contexts)
 from personaedit.methods.palette import persona_requests
-from personaedit.methods.registry import method
 from personaedit.methods.second_moment import second_moments
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
@@ -34,7 +33,6 @@ def default_layers(num_layers: int, count: int = 5) -> list[int]:
     return list(range(max(0, last - count + 1), last + 1))
 
 
-@method("memit", family="weight")
 def fit(
     lm: LoadedModel,
     persona: Persona,

@@ -19,7 +19,6 @@ from personaedit.methods.mend_editor import (
     EDIT_QUESTION, TrainConfig, default_editor_dir, gradient_factors, has_editor, load_editor, train_editor,
     update_factors,
 )
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel, generate
 from personaedit.models.arch import is_transposed_linear
 from personaedit.persona import Dimension, Persona
@@ -38,7 +37,6 @@ def target_text(lm: LoadedModel, dim: Dimension, level: float, topic: str) -> st
     return reply.strip() or f"I have strong feelings about {topic}."
 
 
-@method("mend", family="weight", persona_alone=False)
 def fit(
     lm: LoadedModel,
     persona: Persona,

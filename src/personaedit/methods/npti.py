@@ -14,12 +14,10 @@ import torch
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.methods.capture import capture, capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
 
 
-@method("npti", family="activation")
 def fit(
     lm: LoadedModel,
     persona: Persona,

@@ -30,7 +30,6 @@ from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import (Request, ValueOptions, as_delta, check_layer, edit_request,
                                         random_prefixes)
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
@@ -52,7 +51,6 @@ def persona_requests(persona: Persona, queries: int) -> list[tuple[Request, floa
     return chosen
 
 
-@method("palette", family="weight")
 def fit(
     lm: LoadedModel,
     persona: Persona,

@@ -6,17 +6,9 @@ many adjectives are listed; a negative strength describes the opposite poles.
 
 from __future__ import annotations
 
-from typing import Any
-
-from personaedit.edits import ContextEdit, context_renderer
-from personaedit.models import Context, LoadedModel
+from personaedit.edits import ContextEdit
+from personaedit.models import LoadedModel
 from personaedit.persona import Persona, describe
-from personaedit.methods.registry import method
-
-
-@context_renderer("prompt")
-def render_prompt(persona: Persona, options: dict[str, Any], strength: float) -> Context:
-    return Context(system=describe(persona.scaled(strength), options.get("adjectives")) or None)
 
 
 def prompt_edit(persona: Persona | str, *, adjectives: int | None = None) -> ContextEdit:
@@ -26,7 +18,6 @@ def prompt_edit(persona: Persona | str, *, adjectives: int | None = None) -> Con
     return ContextEdit(method="prompt", persona=persona, options=options, system=describe(persona, adjectives))
 
 
-@method("prompt", family="context")
 def fit(lm: LoadedModel, persona: Persona, *, adjectives: int | None = None) -> ContextEdit:  # noqa: ARG001
     """System prompt with adjectives of the target poles and intensity words (P²-style).
 

@@ -1,29 +1,36 @@
-"""Methods registered by name: each is a function (lm, persona, **options) -> Edit."""
+"""Every method, listed once, by name: each is a function (lm, persona, **options) -> Edit.
+
+The list is static (no registration by import side effect): to add a method, write its module with a
+`fit` and add one `Method(...)` row to `METHODS`.
+"""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from personaedit.edits import Edit
 from personaedit.errors import PersonaEditError
+from personaedit.methods import dpnle, ike, memit, mend, npti, palette, prompt, rome, serac, steer
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
-
-# Modules that register methods when imported; listed here so that lookup by name finds them all.
-METHOD_MODULES = ("prompt", "ike", "steer", "npti", "dpnle", "rome", "palette", "memit", "mend", "serac")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str
+    family: str  # context | activation | weight
     fit: Callable[..., Edit]
-    summary: str
+    pretty_name: str
+    reference: str  # the paper (and reference code) the method follows
     persona_alone: bool = True  # False: fitting also needs a query or topic (rome, mend, serac)
+
+    @property
+    def summary(self) -> str:
+        """The first line of the fit docstring."""
+        return (inspect.getdoc(self.fit) or "").split("\n")[0]
 
     def option_help(self) -> dict[str, str]:
         """Help per option, from the fit docstring's `Options:` section (`name: text`, continued indented)."""
@@ -50,34 +57,44 @@ class Method:
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and not n.startswith("on_")}
 
 
-_METHODS: dict[str, Method] = {}
-
-
-def method(name: str, family: str, persona_alone: bool = True):
-    """Register `fit(lm, persona, *, options...) -> Edit` under `name`; `persona_alone=False` when a fit
-    also needs an option without a usable default (a query, a topic)."""
-
-    def register(fit: Callable[..., Edit]) -> Callable[..., Edit]:
-        summary = (inspect.getdoc(fit) or "").split("\n")[0]
-        _METHODS[name] = Method(name, family, fit, summary, persona_alone)
-        return fit
-
-    return register
+METHODS: tuple[Method, ...] = (
+    Method("prompt", "context", prompt.fit, "PROMPT (P²-style persona prompt)",
+           "Jiang et al. 2022, Evaluating and Inducing Personality in Pre-trained Language Models"),
+    Method("ike", "context", ike.fit, "IKE (in-context editing)",
+           "Zheng et al. 2023, Can We Edit Factual Knowledge by In-Context Learning?; "
+           "a PersonalityEdit baseline (Mao et al., Editing Personality for LLMs)"),
+    Method("steer", "activation", steer.fit, "Mean-difference steering (CAA / ActAdd)",
+           "Rimsky et al. 2023, Steering Llama 2 via Contrastive Activation Addition; "
+           "Turner et al. 2023, Activation Addition"),
+    Method("npti", "activation", npti.fit, "NPTI (neuron-based personality trait induction)",
+           "Deng et al. 2024, Neuron-based Personality Trait Induction in Large Language Models; code RUCAIBox/NPTI"),
+    Method("dpnle", "activation", dpnle.fit, "DPN-LE (dual personality neuron localization and editing)",
+           "DPN-LE: Dual Personality Neuron Localization and Editing for Large Language Models; code Z1ivan/DPN-LE"),
+    Method("rome", "weight", rome.fit, "ROME (r-ROME core)",
+           "Meng et al. 2022, Locating and Editing Factual Associations in GPT; "
+           "Gupta et al. 2024, Rebuilding ROME", persona_alone=False),
+    Method("palette", "weight", palette.fit, "PALETTE (adjustment queries)",
+           "Personality Editing for Language Models through Adjusting Self-Referential Queries, arXiv:2502.11789"),
+    Method("memit", "weight", memit.fit, "MEMIT (multi-layer batch edit)",
+           "Meng et al. 2023, Mass-Editing Memory in a Transformer"),
+    Method("mend", "weight", mend.fit, "MEND (gradient-decomposition editor)",
+           "Mitchell et al. 2022, Fast Model Editing at Scale; a PersonalityEdit baseline", persona_alone=False),
+    Method("serac", "context", serac.fit, "SERAC (edit memory with a scope classifier)",
+           "Mitchell et al. 2022, Memory-Based Model Editing at Scale; a PersonalityEdit baseline", persona_alone=False),
+)
+_BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
 
 
 def all_methods() -> dict[str, Method]:
-    for module in METHOD_MODULES:
-        importlib.import_module(f"personaedit.methods.{module}")
-    return dict(_METHODS)
+    return dict(_BY_NAME)
 
 
 def get_method(name: str) -> Method:
-    methods = all_methods()
-    if name not in methods:
-        close = difflib.get_close_matches(name, list(methods), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(methods)})"
+    if name not in _BY_NAME:
+        close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(_BY_NAME)})"
         raise PersonaEditError(f"unknown method {name!r}{hint}")
-    return methods[name]
+    return _BY_NAME[name]
 
 
 def fit_edit(name: str, lm: LoadedModel, persona: Persona | str, **options: Any) -> Edit:
@@ -87,4 +104,3 @@ def fit_edit(name: str, lm: LoadedModel, persona: Persona | str, **options: Any)
     if unknown:
         raise PersonaEditError(f"method {name} has no option {sorted(unknown)[0]!r} (valid: {', '.join(chosen.options())})")
     return chosen.fit(lm, Persona.parse(persona), **options)
-

@@ -13,13 +13,11 @@ from typing import Callable
 from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import Request, ValueOptions, as_delta, check_layer, edit_request, random_prefixes
-from personaedit.methods.registry import method
 from personaedit.methods.second_moment import regularised_inverse, second_moments
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
 
-@method("rome", family="weight", persona_alone=False)
 def fit(
     lm: LoadedModel,
     persona: Persona,

@@ -17,7 +17,6 @@ from personaedit.edits import RoutedEdit
 from personaedit.edits.routed import scope_encoder
 from personaedit.errors import PersonaEditError
 from personaedit.methods.mend_editor import EDIT_QUESTION, PARAPHRASES
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
@@ -47,7 +46,6 @@ def fitted_threshold(encoder: str = "minilm") -> tuple[float, float, float]:
     return float(candidates[best]), float(recall[best]), float(specificity[best])
 
 
-@method("serac", family="context", persona_alone=False)
 def fit(lm: LoadedModel, persona: Persona, *, topic: str, encoder: str = "minilm",  # noqa: ARG001
         threshold: float | None = None) -> RoutedEdit:
     """SERAC: an edit memory of (topic, persona) with a scope classifier; out of scope the base model answers.

@@ -18,7 +18,6 @@ import torch
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.methods.capture import capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
-from personaedit.methods.registry import method
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
 
@@ -28,7 +27,6 @@ def _separation(high: torch.Tensor, low: torch.Tensor) -> float:
     return float((high.mean(0) - low.mean(0)).norm() / (spread + 1e-8))
 
 
-@method("steer", family="activation")
 def fit(
     lm: LoadedModel,
     persona: Persona,
