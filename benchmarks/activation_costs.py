@@ -26,7 +26,7 @@ from personaedit.methods import fit_edit  # noqa: E402
 from personaedit.methods.capture import capture, render_prompts  # noqa: E402
 from personaedit.methods.contrast import contrastive_pairs  # noqa: E402
 from personaedit.models import load_model  # noqa: E402
-from personaedit.models.generation import encode_prompts, position_ids  # noqa: E402
+from personaedit.models.forward import encode_prompts, position_ids  # noqa: E402
 from personaedit.persona import BIG_FIVE  # noqa: E402
 
 

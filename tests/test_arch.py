@@ -6,7 +6,7 @@ from personaedit.models.arch import Architecture, is_transposed_linear
 from personaedit.models.hooks import hook_site
 from personaedit.methods import fit_edit
 from personaedit.models import generate
-from personaedit.models.generation import encode_prompts, position_ids
+from personaedit.models.forward import encode_prompts, position_ids
 from tiny import FAMILIES, MLP_4X, tiny_hf_model, tiny_lm
 
 

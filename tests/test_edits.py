@@ -35,9 +35,7 @@ def assert_bit_identical(lm, saved):
 def rank_one_edit(lm, layer=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out_dim, in_dim = lm.arch.mlp_out_weight(layer).shape
-    u, v = torch.randn(out_dim, 1, generator=gen), torch.randn(in_dim, 1, generator=gen)
-    if lm.arch.to_param_layout(layer, torch.empty(out_dim, in_dim)).shape != (out_dim, in_dim):
-        u, v = v, u  # GPT-2's Conv1D keeps [in, out]
+    u, v = lm.arch.mlp_out_factors(layer, torch.randn(out_dim, 1, generator=gen), torch.randn(in_dim, 1, generator=gen))
     return WeightEdit(method="test", base=BaseModelInfo.of(lm), deltas={lm.arch.mlp_out_param(layer): Delta(u=u, v=v)})
 
 

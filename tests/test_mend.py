@@ -53,7 +53,8 @@ def test_gradient_factors_are_the_weight_gradient_at_answer_tokens(family):
             handle.remove()
         u, d = factors[l]
         assert u.shape[0] == where.stop - where.start
-        assert torch.allclose(lm.arch.to_param_layout(l, d.T @ u), grad, atol=1e-7, rtol=1e-4)
+        a, b = lm.arch.mlp_out_factors(l, d.T, u.T)  # Σ_t δ_t u_tᵀ in the parameter's layout
+        assert torch.allclose(a @ b.T, grad, atol=1e-7, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])

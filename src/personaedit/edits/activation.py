@@ -17,7 +17,7 @@ import torch
 
 from personaedit.edits.base import Edit, common_fields
 from personaedit.errors import EditError
-from personaedit.models.hooks import generated_mask, hook_site
+from personaedit.models.hooks import generated_mask, hooked
 from personaedit.models.loading import LoadedModel
 
 OPS = ("add", "floor", "ceil")
@@ -85,15 +85,9 @@ class ActivationEdit(Edit):
 
     @contextlib.contextmanager
     def _applied(self, lm: LoadedModel, strength: float) -> Iterator[None]:
-        handles = []
-        try:
-            if strength != 0:
-                for item in self.interventions:
-                    handles.append(hook_site(lm.arch, item.point, item.layer, _intervene(item, strength)))
+        sites = [(item.point, item.layer, _intervene(item, strength)) for item in self.interventions] if strength else []
+        with hooked(lm.arch, sites):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def shape_requirements(self, lm: LoadedModel):
         needs = []

@@ -32,7 +32,8 @@ import torch
 
 from personaedit.data import records
 from personaedit.errors import InputFileError, PersonaEditError
-from personaedit.models.generation import build_messages, ensure_pad_token, render_chat
+from personaedit.models.forward import left_pad, position_ids
+from personaedit.models.generation import build_messages, render_chat
 from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.hooks import generated_from
 from personaedit.models.loading import LoadedModel
@@ -232,13 +233,12 @@ def option_probabilities(lm: LoadedModel, texts: Sequence[str], option_ids: Sequ
     cache = _prefix_cache(lm, prefix) if prefix else None
     if cache is None:
         prefix = []
-    pad_id = ensure_pad_token(tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
     out = torch.zeros(len(texts), len(option_ids))
     wanted = torch.tensor(list(option_ids), device=lm.device)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        logits = _last_logits(lm, [encoded[i][len(prefix):] for i in chunk], pad_id, cache, len(prefix))
+        logits = _last_logits(lm, [encoded[i][len(prefix):] for i in chunk], cache, len(prefix))
         out[chunk] = logits.float().log_softmax(-1).exp()[:, wanted].cpu()
         if on_progress:
             on_progress(min(start + batch_size, len(order)), len(order))
@@ -271,13 +271,11 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int]):
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
-def _last_logits(lm: LoadedModel, rows: list[list[int]], pad_id: int, cache, prefix_len: int) -> torch.Tensor:
+def _last_logits(lm: LoadedModel, rows: list[list[int]], cache, prefix_len: int) -> torch.Tensor:
     """Logits at the last position of each row (left-padded), continuing the prefix cache if given."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=lm.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
-    options: dict[str, Any] = {"position_ids": positions, **_forward_options(lm)}
+    batch = left_pad(lm, rows)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    options: dict[str, Any] = {"position_ids": position_ids(mask, prefix_len), **_forward_options(lm)}
     if cache is not None:
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(len(rows))

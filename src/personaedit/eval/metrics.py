@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from personaedit.errors import PersonaEditError
+from personaedit.models.forward import left_pad, position_ids
 from personaedit.models.generation import build_messages, generate, render_chat
 from personaedit.models.hooks import generated_from
 from personaedit.models.loading import LoadedModel
@@ -77,34 +78,14 @@ def _same_length(a: Sequence, b: Sequence) -> None:
         raise ValueError(f"length mismatch: {len(a)} vs {len(b)}")
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _left_pad(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids), left-padded; real tokens get positions 0, 1, ..."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), _pad_id(lm.tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return ids.to(lm.device), mask.to(lm.device), positions.to(lm.device)
-
-
 def _logits(lm: LoadedModel, seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
     """Float32 logits [batch, width, vocab] of left-padded `seqs`; positions >= starts[row] (given in each
     unpadded sequence) count as generated for activation edits."""
-    ids, mask, positions = _left_pad(lm, seqs)
-    width = ids.shape[1]
+    batch = left_pad(lm, seqs)
+    width = batch["input_ids"].shape[1]
     padded_starts = torch.tensor([width - len(s) + start for s, start in zip(seqs, starts)], dtype=torch.long)
     with torch.no_grad(), generated_from(padded_starts):
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        out = lm.model(**batch, position_ids=position_ids(batch["attention_mask"]))
     return out.logits.float()
 
 

@@ -13,20 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from personaedit.fileio import atomic_path
 from personaedit.methods.contrast import ContrastivePairs
-from personaedit.models.generation import build_messages, encode_prompts, position_ids, render_chat
-from personaedit.models.hooks import hook_site
+from personaedit.models.forward import encode_prompts, position_ids, run_until
+from personaedit.models.generation import build_messages, render_chat
+from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
 
 Site = tuple[str, int]  # (point, layer), e.g. ("mlp_hidden", 12)
 REDUCTIONS = ("last", "mean", "firing")
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every requested activation has been recorded."""
-
-
-def _stop_forward(_module, _args, _output):
-    raise _StopForward
 
 
 def _cache_key(lm: LoadedModel, texts: Sequence[str], sites: Sequence[Site], reduce: str) -> str:
@@ -85,24 +78,14 @@ def capture(
 
         return record
 
-    handles = [hook_site(lm.arch, point, layer, recorder((point, layer))) for point, layer in sites]
-    # Nothing after the deepest site is needed: stop the forward pass there (saves the upper layers
-    # and the vocabulary projection).
-    handles.append(lm.arch.layer(max(layer for _, layer in sites)).register_forward_hook(_stop_forward))
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = encode_prompts(lm, texts[start:start + batch_size], add_special_tokens=not templated)
-                mask_holder["mask"] = batch["attention_mask"]
-                try:
-                    lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False)
-                except _StopForward:
-                    pass
-                if on_progress:
-                    on_progress(min(start + batch_size, len(texts)), len(texts))
-    finally:
-        for handle in handles:
-            handle.remove()
+    deepest = max(layer for _, layer in sites)  # nothing above the deepest site is needed
+    with hooked(lm.arch, [(point, layer, recorder((point, layer))) for point, layer in sites]):
+        for start in range(0, len(texts), batch_size):
+            batch = encode_prompts(lm, texts[start:start + batch_size], add_special_tokens=not templated)
+            mask_holder["mask"] = batch["attention_mask"]
+            run_until(lm, deepest, **batch, position_ids=position_ids(batch["attention_mask"]))
+            if on_progress:
+                on_progress(min(start + batch_size, len(texts)), len(texts))
     result = {site: torch.cat(chunks) for site, chunks in collected.items()}
     if use_cache:
         with atomic_path(path) as tmp:

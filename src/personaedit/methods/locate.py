@@ -22,10 +22,9 @@ import torch
 
 from personaedit.edits import Delta
 from personaedit.errors import PersonaEditError
-from personaedit.models.arch import is_transposed_linear
-from personaedit.models.generation import ensure_pad_token
+from personaedit.models.forward import encode_prompts, ensure_pad_token, frozen, left_pad, position_ids, run_until
+from personaedit.models.hooks import hooked
 from personaedit.models.kvcache import cache_argument, cache_of
-from personaedit.models.hooks import hook_site
 from personaedit.models.loading import LoadedModel
 
 SUBJECT_TOKENS = ("first", "last")
@@ -105,20 +104,12 @@ def random_prefixes(lm: LoadedModel, count: int = 10, length: int = 10, seed: in
     if count <= 0:
         return []
     starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(count)]
-    tokenizer = lm.tokenizer
-    pad = ensure_pad_token(tokenizer)
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(starts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = previous
-    batch = {k: v.to(lm.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    batch = encode_prompts(lm, starts, add_special_tokens=True)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = lm.model.generate(**batch, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
-                                pad_token_id=pad, temperature=None, top_p=None)
-    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+                                pad_token_id=ensure_pad_token(lm.tokenizer), temperature=None, top_p=None)
+    texts = lm.tokenizer.batch_decode(out, skip_special_tokens=True)
     # Braces would read as template slots; line breaks would break the single-paragraph prompts.
     return [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
 
@@ -168,21 +159,6 @@ def read_in_contexts(lm: LoadedModel, request: Request, prefixes: Sequence[str],
     return Contexts(before, after, (last - first) if token == "last" else 0, target)
 
 
-def _left_pad(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), ensure_pad_token(lm.tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(list(seq))
-            mask[row, width - len(seq):] = 1
-    return ids.to(lm.device), mask.to(lm.device)
-
-
-class _Stop(Exception):
-    """Raised once everything a pass needs has been recorded."""
-
-
 class _Runner:
     """Runs the shared part of every context (plus `extra` ids) on a fixed attention cache of the part
     before it. The chunk's passage through the layers below `replay_below` does not change between
@@ -196,10 +172,10 @@ class _Runner:
         self.mask = torch.zeros(rows, 0, dtype=torch.long, device=lm.device)
         offset = torch.zeros(rows, dtype=torch.long, device=lm.device)
         if any(contexts.before):  # read_in_contexts keeps either all or none of them empty
-            ids, self.mask = _left_pad(lm, contexts.before)
+            batch = left_pad(lm, contexts.before)
+            self.mask = batch["attention_mask"]
             with torch.no_grad():
-                out = lm.model(input_ids=ids, attention_mask=self.mask, position_ids=(self.mask.cumsum(1) - 1).clamp(min=0),
-                               use_cache=True, logits_to_keep=1)
+                out = lm.model(**batch, position_ids=position_ids(self.mask), use_cache=True, logits_to_keep=1)
             self.cache = cache_of(out)
             offset = self.mask.sum(1)
         self.positions = offset[:, None] + torch.arange(self.chunk.shape[1], device=lm.device)[None, :]
@@ -249,29 +225,12 @@ def keys_and_outputs(lm: LoadedModel, contexts: Contexts, layer: int, site: tupl
             recorded[name] = hidden[:, -len(contexts.after) + index, :].detach().float().mean(0)
         return fn
 
-    handles = [hook_site(lm.arch, "mlp_hidden", layer, record("key"))]
-    deepest = layer
-    if site is not None:
-        handles.append(hook_site(lm.arch, site[0], site[1], record("site")))
-        deepest = max(layer, site[1])
-    handles.append(lm.arch.layer(deepest).register_forward_hook(_raise_stop))
-    try:
-        seqs = [list(b) + list(contexts.after) for b in contexts.before]
-        ids, mask = _left_pad(lm, seqs)
-        with torch.no_grad():
-            try:
-                lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    sites = [("mlp_hidden", layer, record("key"))] + ([(site[0], site[1], record("site"))] if site is not None else [])
+    batch = left_pad(lm, [list(b) + list(contexts.after) for b in contexts.before])
+    with hooked(lm.arch, sites):
+        run_until(lm, max(layer, site[1]) if site is not None else layer, **batch,
+                  position_ids=position_ids(batch["attention_mask"]))
     return recorded["key"], recorded.get("site")
-
-
-def _raise_stop(_module, _args, _output):
-    raise _Stop
 
 
 def _kl_contexts(lm: LoadedModel, request: Request, options: ValueOptions, token: str) -> Contexts:
@@ -329,15 +288,10 @@ def optimise_delta(
         if state["record"]:
             state["key"] = hidden[:, state["index"], :].detach().float().mean(0)
 
-    handles = [hook_site(lm.arch, site[0], site[1], add_delta)]
-    if key_layer is not None:
-        handles.append(hook_site(lm.arch, "mlp_hidden", key_layer, record_key))
-    frozen = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    sites = [(site[0], site[1], add_delta)] + ([("mlp_hidden", key_layer, record_key)] if key_layer is not None else [])
     optimiser = torch.optim.Adam([delta], lr=options.lr)
     info = {"steps": 0, "nll": float("nan"), "nll_start": float("nan")}
-    try:
+    with hooked(lm.arch, sites), frozen(lm.model):
         if options.kl_factor > 0:
             with torch.no_grad():
                 state.update(index=kl_ctx.subject_index, record=False)
@@ -368,11 +322,6 @@ def optimise_delta(
                 norm = float(delta.norm())
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
     return Value(delta.detach(), reference, state.get("key"), info)
 
 
@@ -398,8 +347,8 @@ def rank_one(lm: LoadedModel, layer: int, key: torch.Tensor, delta: torch.Tensor
 def as_delta(lm: LoadedModel, layer: int, u: torch.Tensor, v: torch.Tensor) -> Delta:
     """Factors of ΔW = u vᵀ for layer `layer`'s `down_proj` (u [out, r], v [in, r] for ΔW in [out, in]) in the
     parameter's own layout (GPT-2's Conv1D stores the transpose: the factors swap)."""
-    u, v = u.float().cpu().contiguous(), v.float().cpu().contiguous()
-    return Delta(u=v, v=u) if is_transposed_linear(lm.arch.mlp_out(layer)) else Delta(u=u, v=v)
+    u, v = lm.arch.mlp_out_factors(layer, u.float().cpu().contiguous(), v.float().cpu().contiguous())
+    return Delta(u=u, v=v)
 
 
 @dataclass(frozen=True)
@@ -428,18 +377,15 @@ def greedy_continuations(lm: LoadedModel, prompts: Sequence[str], lengths: Seque
                          batch_size: int = 16) -> list[list[int]]:
     """Greedy token ids continuing each raw-text prompt, `lengths[i]` tokens for prompt i."""
     out: list[list[int]] = []
-    pad = ensure_pad_token(lm.tokenizer)
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        seqs = [list(lm.tokenizer(p)["input_ids"]) for p in chunk]
-        ids, mask = _left_pad(lm, seqs)
+        batch = encode_prompts(lm, prompts[start:start + batch_size], add_special_tokens=True)
         longest = max(lengths[start:start + batch_size])
+        width = batch["input_ids"].shape[1]
         with torch.no_grad():
-            generated = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                                          min_new_tokens=longest, do_sample=False, pad_token_id=pad,
-                                          temperature=None, top_p=None, top_k=None)
+            generated = lm.model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                          pad_token_id=ensure_pad_token(lm.tokenizer), temperature=None, top_p=None, top_k=None)
         for row, n in enumerate(lengths[start:start + batch_size]):
-            out.append(generated[row, ids.shape[1]:ids.shape[1] + n].tolist())
+            out.append(generated[row, width:width + n].tolist())
     return out
 
 

@@ -20,7 +20,6 @@ from personaedit.methods.mend_editor import (
     update_factors,
 )
 from personaedit.models import LoadedModel, generate
-from personaedit.models.arch import is_transposed_linear
 from personaedit.persona import Dimension, Persona
 
 
@@ -76,9 +75,8 @@ def fit(
     update = update_factors(trained, gradient_factors(lm, trained.layers, pairs))
     deltas = {}
     for layer, (u_tilde, scaled_delta) in update.items():
-        out_side, in_side = scaled_delta.T.cpu().contiguous(), u_tilde.T.cpu().contiguous()  # ΔW = out_side in_sideᵀ
-        if is_transposed_linear(lm.arch.mlp_out(layer)):
-            out_side, in_side = in_side, out_side
-        deltas[lm.arch.mlp_out_param(layer)] = Delta(u=out_side, v=in_side)
+        # ΔW = scaled_deltaᵀ u_tilde in [out, in] layout
+        u, v = lm.arch.mlp_out_factors(layer, scaled_delta.T.cpu().contiguous(), u_tilde.T.cpu().contiguous())
+        deltas[lm.arch.mlp_out_param(layer)] = Delta(u=u, v=v)
     options = {"topic": topic, "editor": str(folder), "layers": trained.layers, "pairs": [list(p) for p in pairs]}
     return WeightEdit(method="mend", persona=persona, options=options, base=BaseModelInfo.of(lm), deltas=deltas)

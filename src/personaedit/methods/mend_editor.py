@@ -31,7 +31,8 @@ from personaedit.data.external import EDIT_QUESTION, PARAPHRASES  # noqa: F401 (
 from personaedit.errors import EditError, InputFileError, PersonaEditError
 from personaedit.eval.metrics import prompt_ids
 from personaedit.fileio import atomic_dir, give_usual_mode
-from personaedit.models.hooks import hook_site
+from personaedit.models.forward import frozen
+from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
 
 EDITOR_FORMAT = "personaedit-mend-editor"
@@ -224,19 +225,6 @@ def _nll(logprobs: torch.Tensor, ids: torch.Tensor, where: slice) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def frozen(lm: LoadedModel) -> Iterator[None]:
-    """The model's parameters need no gradients here; restore their flags afterwards."""
-    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
 def _probed(lm: LoadedModel, layers: Sequence[int], inputs: dict[int, torch.Tensor],
             probes: dict[int, torch.Tensor]) -> Iterator[None]:
     """Record each layer's MLP-output input and add a zero probe to its output, whose gradient is δ."""
@@ -251,13 +239,8 @@ def _probed(lm: LoadedModel, layers: Sequence[int], inputs: dict[int, torch.Tens
             return h + probes[l]
         return fn
 
-    handles = [hook_site(lm.arch, "mlp_hidden", l, record(l)) for l in layers]
-    handles += [hook_site(lm.arch, "mlp_out", l, probe(l)) for l in layers]
-    try:
+    with hooked(lm.arch, [("mlp_hidden", l, record(l)) for l in layers] + [("mlp_out", l, probe(l)) for l in layers]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -277,13 +260,8 @@ def updated(lm: LoadedModel, update: Factors) -> Iterator[None]:
             return h + ((stash[l].to(b.dtype) @ b.T) @ a).to(h.dtype)
         return fn
 
-    handles = [hook_site(lm.arch, "mlp_hidden", l, keep(l)) for l in update]
-    handles += [hook_site(lm.arch, "mlp_out", l, add(l)) for l in update]
-    try:
+    with hooked(lm.arch, [("mlp_hidden", l, keep(l)) for l in update] + [("mlp_out", l, add(l)) for l in update]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequence[tuple[str, str]]) -> Factors:
@@ -291,7 +269,7 @@ def gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequence[tup
     fine-tuning gradient of the mean answer NLL w.r.t. W_l is Σ_t δ_t u_tᵀ. One forward and one backward
     (through the edited layers only) per pair."""
     collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in layers}
-    with frozen(lm), torch.enable_grad():
+    with frozen(lm.model), torch.enable_grad():
         for question, answer in pairs:
             inputs: dict[int, torch.Tensor] = {}
             probes: dict[int, torch.Tensor] = {}
@@ -343,7 +321,7 @@ def editor_loss(lm: LoadedModel, editor: MendEditor, edit: EditExample, paraphra
                 other: EditExample) -> tuple[torch.Tensor, dict[str, float]]:
     """Edit NLL (edit question and paraphrase) + locality · KL(base ‖ edited) on another topic's opinion."""
     factors = gradient_factors(lm, editor.layers, [(EDIT_QUESTION.format(edit.topic), edit.text)])
-    with frozen(lm):
+    with frozen(lm.model):
         loc_ids, loc_where = _sequence(lm, EDIT_QUESTION.format(other.topic), other.text)
         with torch.no_grad():
             base = _answer_logprobs(lm, loc_ids, loc_where)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from personaedit.data import records
 from personaedit.errors import PersonaEditError
 from personaedit.fileio import atomic_path
-from personaedit.models.hooks import hook_site
+from personaedit.models.forward import left_pad, position_ids, run_until
+from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
 
 MAX_TOKENS_PER_TEXT = 256
@@ -33,14 +34,6 @@ def corpus() -> list[str]:
 
 def cache_path(lm: LoadedModel, layer: int, samples: int):
     return cache_dir() / "second_moment" / f"{lm.fingerprint}-layer{layer}-n{samples}.safetensors"
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop(_module, _args, _output):
-    raise _Stop
 
 
 def second_moments(
@@ -81,36 +74,20 @@ def second_moments(
             sums[layer].addmm_(keys.T, keys)
         return fn
 
-    handles = [hook_site(lm.arch, "mlp_hidden", layer, accumulate(layer)) for layer in missing]
-    handles.append(lm.arch.layer(max(missing)).register_forward_hook(_stop))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                if state["count"] >= samples:
-                    break
-                batch = encoded[start:start + batch_size]
-                lengths = []
-                for ids in batch:  # the last batch is cut so that exactly `samples` tokens count
-                    lengths.append(min(len(ids), samples - state["count"] - sum(lengths)))
-                batch = [ids[:n] for ids, n in zip(batch, lengths) if n > 0]
-                widest = max(len(ids) for ids in batch)
-                ids = torch.full((len(batch), widest), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), widest), dtype=torch.bool)
-                for row, seq in enumerate(batch):  # right padding: positions need no shifting
-                    ids[row, :len(seq)] = torch.tensor(seq)
-                    mask[row, :len(seq)] = True
-                state["mask"] = mask.to(lm.device)
-                try:
-                    lm.model(input_ids=ids.to(lm.device), attention_mask=mask.long().to(lm.device), use_cache=False)
-                except _Stop:
-                    pass
-                state["count"] += int(mask.sum())
-                if on_progress:
-                    on_progress(state["count"], samples)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(lm.arch, [("mlp_hidden", layer, accumulate(layer)) for layer in missing]):
+        for start in range(0, len(encoded), batch_size):
+            if state["count"] >= samples:
+                break
+            rows = encoded[start:start + batch_size]
+            lengths = []
+            for ids in rows:  # the last batch is cut so that exactly `samples` tokens count
+                lengths.append(min(len(ids), samples - state["count"] - sum(lengths)))
+            batch = left_pad(lm, [ids[:n] for ids, n in zip(rows, lengths) if n > 0])
+            state["mask"] = batch["attention_mask"].bool()
+            run_until(lm, max(missing), **batch, position_ids=position_ids(batch["attention_mask"]))
+            state["count"] += int(state["mask"].sum())
+            if on_progress:
+                on_progress(state["count"], samples)
     for layer in missing:
         moment = sums[layer] / state["count"]
         result[layer] = moment

@@ -203,9 +203,10 @@ class Architecture:
         module = self.mlp_out(index)
         return module.weight.T if is_transposed_linear(module) else module.weight
 
-    def to_param_layout(self, index: int, out_in: torch.Tensor) -> torch.Tensor:
-        """Turn an [out, in] delta for layer `index`'s `down_proj` into its parameter's own layout."""
-        return out_in.T if is_transposed_linear(self.mlp_out(index)) else out_in
+    def mlp_out_factors(self, index: int, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (u [out, r], v [in, r]) of ΔW = u vᵀ for layer `index`'s `down_proj`, given in [out, in]
+        layout, as the factors of its parameter's own layout (GPT-2's Conv1D stores the transpose: they swap)."""
+        return (v, u) if is_transposed_linear(self.mlp_out(index)) else (u, v)
 
     # --- where activations live --------------------------------------------------------------
     def site(self, point: str, index: int) -> tuple[nn.Module, str]:
@@ -235,9 +236,6 @@ class Architecture:
         first = int(self.num_layers * start)
         last = max(first + 1, int(round(self.num_layers * stop)))
         return list(range(first, min(last, self.num_layers)))
-
-    def middle_layer(self) -> int:
-        return self.num_layers // 2
 
     def describe(self) -> dict[str, object]:
         return {

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from personaedit.errors import PersonaEditError
+from personaedit.models.forward import encode_prompts, ensure_pad_token
 from personaedit.models.loading import LoadedModel
 
 # End-of-turn markers of common chat templates; used as extra stop tokens when the vocabulary has them.
@@ -79,32 +80,6 @@ def stop_token_ids(lm: LoadedModel) -> list[int]:
     vocab = lm.tokenizer.get_vocab()
     ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
     return sorted(ids)
-
-
-def ensure_pad_token(tokenizer) -> int:
-    """Base models often have no pad token; padding with EOS is harmless under an attention mask."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
-
-
-def encode_prompts(lm: LoadedModel, texts: Sequence[str], add_special_tokens: bool) -> dict[str, torch.Tensor]:
-    """Left-padded batch of prompt texts on the model's device."""
-    tokenizer = lm.tokenizer
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    ensure_pad_token(tokenizer)
-    try:
-        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    finally:
-        tokenizer.padding_side = previous
-    return {k: v.to(lm.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token (left padding shifts them otherwise,
-    which matters for models with absolute position embeddings such as GPT-2)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _check_context(lm: LoadedModel, prompt_tokens: int, new_tokens: int) -> None:

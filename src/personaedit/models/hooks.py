@@ -1,14 +1,15 @@
 """Forward hooks at named activation sites, and which token positions count as 'generated'.
 
-Every activation edit and every activation capture goes through `hook_site`, so the handling of
-tuple outputs and pre-hooks lives here once.
+Every activation edit and every activation capture goes through `hook_site` (usually through `hooked`,
+which removes its hooks however the block ends), so the handling of tuple outputs and pre-hooks lives
+here once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -28,6 +29,16 @@ def hook_site(arch: Architecture, point: str, layer: int, fn: SiteFn) -> Removab
     if arch.flattens(point):  # OPT runs its MLP on [batch·seq, width]: show `fn` [batch, seq, width]
         return _unflattened(arch, layer, module, side, fn)
     return _hook(module, side, fn)
+
+
+@contextlib.contextmanager
+def hooked(arch: Architecture, sites: Iterable[tuple[str, int, SiteFn]]) -> Iterator[None]:
+    """`hook_site(arch, point, layer, fn)` for each (point, layer, fn) during the block; every hook is removed
+    on the way out, also when the block (or installing a later hook) raises."""
+    with contextlib.ExitStack() as installed:
+        for point, layer, fn in sites:
+            installed.callback(hook_site(arch, point, layer, fn).remove)
+        yield
 
 
 def _hook(module: torch.nn.Module, side: str, fn: SiteFn) -> RemovableHandle:

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from personaedit.models.generation import ensure_pad_token, position_ids, stop_token_ids
+from personaedit.models.forward import ensure_pad_token, position_ids
+from personaedit.models.generation import stop_token_ids
 from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.loading import LoadedModel
 from personaedit.serve import kvrows
