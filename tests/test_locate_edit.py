@@ -6,7 +6,7 @@ from personaedit.data import records
 from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import PersonaEditError
 from personaedit.methods import all_methods, fit_edit
-from personaedit.methods import locate, palette, second_moment
+from personaedit.methods import locate, second_moment
 from personaedit.methods.locate import Request, ValueOptions, efficacy, read_in_contexts
 from personaedit.methods.palette import persona_requests
 from personaedit.persona import Persona
@@ -80,7 +80,7 @@ def test_rome_update_maps_the_averaged_key_to_its_value(lm):
     """ΔW k* = δ: the key the update uses is the one the value was optimised at (r-ROME)."""
     request = Request.of(PROMPT, SUBJECT, TARGET)
     prefixes = locate.random_prefixes(lm, 3, 4)
-    options = ValueOptions(steps=5, lr=0.05, kl_factor=0.0, clamp_norm_factor=1e4)
+    options = ValueOptions(steps=5, lr=0.05, kl_factor=0.0, clamp=1e4)
     update = locate.edit_request(lm, request, 1, prefixes, options)
     contexts = read_in_contexts(lm, request, prefixes)
     key, output = locate.keys_and_outputs(lm, contexts, 1, ("mlp_out", 1))
@@ -127,8 +127,8 @@ def test_palette_applies_queries_sequentially_as_rank_one_factors(family, tmp_pa
     lm = tiny_lm(family)
     progress = []
     options = {k: v for k, v in TINY.items() if k != "layer"} | {"steps": 3}
-    edit = palette.fit(lm, Persona.parse("jp=P"), queries=3, layer=1,
-                       on_progress=lambda d, t: progress.append((d, t)), **options)
+    edit = fit_edit("palette", lm, Persona.parse("jp=P"), queries=3, layer=1,
+                    on_progress=lambda d, t: progress.append((d, t)), **options)
     (name, delta), = edit.deltas.items()
     assert name == lm.arch.mlp_out_param(1) and delta.rank == 3
     assert list(edit.options["fitted"]) == ["jp-P-01", "jp-P-02", "jp-P-03"] and progress[-1] == (3, 3)

@@ -181,12 +181,10 @@ def _option_type(annotation: Any) -> Any:
 def _edit_command(name: str):
     """A typer command for one method, its options taken from the method's fit signature."""
     import inspect
-    import typing
 
-    from personaedit.methods import get_method
+    from personaedit.methods import fit_edit, get_method
 
     chosen = get_method(name)
-    hints = typing.get_type_hints(chosen.fit)
     method_options = chosen.options()
 
     def command(model: str, persona: str, out: Path, device: Optional[str], force: bool, **options: Any) -> None:
@@ -201,12 +199,10 @@ def _edit_command(name: str):
         if (out / "edit.json").exists() and not force:
             raise InputFileError(f"{out} already holds an edit; pass --force to replace it")
         lm = _load(model, device)
-        kwargs = dict(options)
         with _progress() as progress:
             task = progress.add_task(f"{name}: fitting", total=None)  # off a terminal: a line every 30 s
-            if "on_progress" in inspect.signature(chosen.fit).parameters:
-                kwargs["on_progress"] = lambda done, total: progress.update(task, completed=done, total=total)
-            edit: Edit = chosen.fit(lm, target, **kwargs)
+            edit: Edit = fit_edit(name, lm, target, **options,
+                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
         edit.save(out)
         err.print(f"saved {edit.kind} edit ({name}, persona {target.spec()}) to {out}")
 
@@ -225,7 +221,7 @@ def _edit_command(name: str):
     helps = chosen.option_help()
     for option, param in method_options.items():
         flag = "--" + option.replace("_", "-")
-        params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(hints[option]),
+        params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(param.annotation),
                                         default=typer.Option(... if param.default is inspect.Parameter.empty else param.default,
                                                              flag, help=helps.get(option))))
     command.__signature__ = inspect.Signature(params)

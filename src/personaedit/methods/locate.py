@@ -25,6 +25,7 @@ from personaedit.errors import PersonaEditError
 from personaedit.models.forward import encode_prompts, ensure_pad_token, frozen, left_pad, position_ids, run_until
 from personaedit.models.hooks import hooked
 from personaedit.models.kvcache import cache_argument, cache_of
+from personaedit.methods.options import option
 from personaedit.models.loading import LoadedModel
 
 SUBJECT_TOKENS = ("first", "last")
@@ -69,18 +70,23 @@ class Request:
 
 @dataclass(frozen=True)
 class ValueOptions:
-    """The value optimisation (PALETTE's settings; ROME uses the same shape)."""
+    """The value optimisation that ROME, PALETTE and MEMIT share (PALETTE's settings), and the contexts
+    each request is read in. Fields with help are method options (an option group, see options.py)."""
 
-    steps: int = 25
-    lr: float = 0.4
-    kl_factor: float = 0.0625
-    weight_decay: float = 1e-4
-    clamp_norm_factor: float = 4.0
+    subject_token: str = option("last", "read the key at the subject's first or last token (first, last)")
+    steps: int = option(25, "at most this many Adam steps per request (stops early at NLL < 0.05)")
+    lr: float = option(0.4, "learning rate of the value optimisation")
+    kl_factor: float = option(0.0625, 'weight of the KL term that keeps "{subject} is a" contexts unchanged')
+    weight_decay: float = option(1e-4, "weight of the ‖δ‖² penalty on the value change")
+    clamp: float = option(4.0, "‖δ‖ is clamped to this many times the norm of the original value")
+    prefixes: int = option(5, "model-written random prefixes the key and value are averaged over (0: the bare prompt only)")
+    prefix_length: int = option(10, "tokens of each random prefix")
+    seed: int = option(0, "seed of the random prefixes")
     stop_nll: float = 0.05
     kl_prompt: str = "{} is a"
 
     def check(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.kl_factor < 0 or self.weight_decay < 0 or self.clamp_norm_factor <= 0:
+        if self.steps < 1 or self.lr <= 0 or self.kl_factor < 0 or self.weight_decay < 0 or self.clamp <= 0:
             raise PersonaEditError("value optimisation needs steps >= 1, lr > 0, kl_factor >= 0, weight_decay >= 0, clamp > 0")
 
 
@@ -233,9 +239,9 @@ def keys_and_outputs(lm: LoadedModel, contexts: Contexts, layer: int, site: tupl
     return recorded["key"], recorded.get("site")
 
 
-def _kl_contexts(lm: LoadedModel, request: Request, options: ValueOptions, token: str) -> Contexts:
+def _kl_contexts(lm: LoadedModel, request: Request, options: ValueOptions) -> Contexts:
     kl_request = Request(options.kl_prompt, request.subject, request.target)
-    return read_in_contexts(lm, kl_request, [], token)
+    return read_in_contexts(lm, kl_request, [], options.subject_token)
 
 
 @dataclass(frozen=True)
@@ -257,18 +263,17 @@ def optimise_delta(
     options: ValueOptions,
     *,
     key_layer: int | None = None,
-    token: str = "last",
 ) -> Value:
     """The vector δ that, added to the activation at `site` at the subject token of every context, makes
     the model continue with the target: NLL + kl_factor·KL(base ‖ edited on the KL prompt) +
-    weight_decay·‖δ‖²/‖v₀‖², Adam, ‖δ‖ clamped to clamp_norm_factor·‖v₀‖, stop at NLL < stop_nll,
+    weight_decay·‖δ‖²/‖v₀‖², Adam, ‖δ‖ clamped to clamp·‖v₀‖, stop at NLL < stop_nll,
     where v₀ is the unedited activation. The key at `key_layer` is read in the same first pass."""
     options.check()
     target = torch.tensor(contexts.target, device=lm.device)
     n_target = len(contexts.target)
     main = _Runner(lm, contexts, extra=contexts.target[:-1], replay_below=site[1])
     keep = torch.arange(len(contexts.after) - 1, len(contexts.after) - 1 + n_target, device=lm.device)
-    kl_ctx = _kl_contexts(lm, request, options, token)
+    kl_ctx = _kl_contexts(lm, request, options)
     kl_run = _Runner(lm, kl_ctx, replay_below=site[1])
 
     width = lm.arch.site_width("mlp_hidden" if site[0] == "mlp_hidden" else "residual")
@@ -304,7 +309,7 @@ def optimise_delta(
             if step == 0:
                 info["nll_start"] = info["nll"]
                 reference = state["reference"]
-                max_norm = options.clamp_norm_factor * float(reference.norm())
+                max_norm = options.clamp * float(reference.norm())
                 ref_sq = float(reference.norm()) ** 2 + 1e-12
             if info["nll"] < options.stop_nll or step == options.steps:
                 break
@@ -327,9 +332,8 @@ def optimise_delta(
 
 # ------------------------------------------------------------------------------------------- update
 
-def rank_one(lm: LoadedModel, layer: int, key: torch.Tensor, delta: torch.Tensor,
-             inverse_moment: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one(key: torch.Tensor, delta: torch.Tensor, inverse_moment: torch.Tensor | None = None,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u [out], v [in]) of ΔW = u vᵀ in [out, in] layout with ΔW k* = δ:
     v = C⁻¹k*, u = δ / (k*ᵀ C⁻¹ k*) (C = I without covariance adjustment).
 
@@ -362,14 +366,13 @@ class RankOne:
 
 
 def edit_request(lm: LoadedModel, request: Request, layer: int, prefixes: Sequence[str], options: ValueOptions, *,
-                 token: str = "last", inverse_moment: torch.Tensor | None = None,
-                 keep: torch.Tensor | None = None) -> RankOne:
+                 inverse_moment: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> RankOne:
     """r-ROME for one request on the model as it is now: averaged key, value optimised at that key's output
     (`keep`: earlier keys the update must leave alone, see `rank_one`)."""
-    contexts = read_in_contexts(lm, request, prefixes, token)
+    contexts = read_in_contexts(lm, request, prefixes, options.subject_token)
     # The mean `down_proj` output over contexts is W k* + b for the mean key k*: v₀ of the consistent key.
-    value = optimise_delta(lm, request, contexts, ("mlp_out", layer), options, key_layer=layer, token=token)
-    u, v = rank_one(lm, layer, value.key, value.delta, inverse_moment, keep)
+    value = optimise_delta(lm, request, contexts, ("mlp_out", layer), options, key_layer=layer)
+    u, v = rank_one(value.key, value.delta, inverse_moment, keep)
     return RankOne(u, v, value.key, {**value.info, "delta_norm": float(value.delta.norm()), "value_norm": float(value.reference.norm())})
 
 

@@ -41,15 +41,7 @@ def fit(
     layers: str = "auto",
     mom2_weight: float = 15000.0,
     samples: int = 20000,
-    subject_token: str = "last",
-    steps: int = 25,
-    lr: float = 0.4,
-    kl_factor: float = 0.0625,
-    weight_decay: float = 1e-4,
-    clamp: float = 4.0,
-    prefixes: int = 5,
-    prefix_length: int = 10,
-    seed: int = 0,
+    value: ValueOptions = ValueOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
     """Multi-layer batch edit (MEMIT) from the persona's adjustment queries.
@@ -59,32 +51,24 @@ def fit(
         layers: MLP layers to spread the update over: 12, 12-16, 4,8,12 or auto (the five ending at 15/28 of the depth)
         mom2_weight: λ, the weight of the second moment of down_proj inputs against the new keys
         samples: tokens of neutral text the second moment is estimated from (cached per model and layer)
-        subject_token: read the keys at the subject's first or last token (first, last)
-        steps: at most this many Adam steps per target residual (stops early at NLL < 0.05)
-        lr: learning rate of the target optimisation
-        kl_factor: weight of the KL term that keeps "{subject} is a" contexts unchanged
-        weight_decay: weight of the ‖δ‖² penalty on the residual change
-        clamp: ‖δ‖ is clamped to this many times the norm of the original residual
-        prefixes: model-written random prefixes the keys and targets are averaged over
-        prefix_length: tokens of each random prefix
-        seed: seed of the random prefixes
+
+    With the value optimisation's options (ValueOptions), which here optimise each request's target residual.
     """
     if mom2_weight <= 0:
         raise PersonaEditError(f"mom2_weight must be > 0, got {mom2_weight}")
     chosen = parse_layers(layers, lm.arch.num_layers, default_layers(lm.arch.num_layers))
     top = chosen[-1]
     requests = persona_requests(persona, queries)
-    options = ValueOptions(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp)
-    texts = random_prefixes(lm, prefixes, prefix_length, seed)
+    texts = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     total = len(requests) + len(chosen)
     moments = second_moments(lm, chosen, samples)
 
     contexts, targets = [], []
     for done, (request, scale, _) in enumerate(requests):
-        ctx = read_in_contexts(lm, request, texts, subject_token)
-        value = optimise_delta(lm, request, ctx, ("residual", top), options, token=subject_token)
+        ctx = read_in_contexts(lm, request, texts, value.subject_token)
+        optimised = optimise_delta(lm, request, ctx, ("residual", top), value)
         contexts.append(ctx)
-        targets.append(value.reference + value.delta * scale)
+        targets.append(optimised.reference + optimised.delta * scale)
         if on_progress:
             on_progress(done + 1, total)
     z = torch.stack(targets, dim=1).double()  # [hidden, n]
@@ -103,8 +87,5 @@ def fit(
             applied.enter_context(WeightEdit(method="memit", deltas={name: deltas[name]}).apply(lm))
             if on_progress:
                 on_progress(len(requests) + index + 1, total)
-    recorded = {"queries": queries, "layers": chosen, "mom2_weight": mom2_weight, "samples": samples,
-                "subject_token": subject_token, "steps": steps, "lr": lr, "kl_factor": kl_factor,
-                "weight_decay": weight_decay, "clamp": clamp, "prefixes": prefixes, "prefix_length": prefix_length,
-                "seed": seed}
-    return WeightEdit(method="memit", persona=persona, options=recorded, base=BaseModelInfo.of(lm), deltas=deltas)
+    # The layers the fit resolved; fit_edit records every option beside them.
+    return WeightEdit(method="memit", persona=persona, options={"layers": chosen}, base=BaseModelInfo.of(lm), deltas=deltas)

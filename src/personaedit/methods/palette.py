@@ -57,16 +57,8 @@ def fit(
     *,
     queries: int = 12,
     layer: int | None = None,
-    subject_token: str = "last",
-    steps: int = 25,
-    lr: float = 0.4,
-    kl_factor: float = 0.0625,
-    weight_decay: float = 1e-4,
-    clamp: float = 4.0,
-    prefixes: int = 5,
-    prefix_length: int = 10,
     protect: bool = True,
-    seed: int = 0,
+    value: ValueOptions = ValueOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> WeightEdit:
     """Sequential r-ROME edits from self-referential adjustment queries (PALETTE).
@@ -74,21 +66,13 @@ def fit(
     Options:
         queries: adjustment queries per targeted pole, 1-16 (the paper's ablation: 4, 8, 12, 16)
         layer: the MLP layer to edit (default: derived from the model's depth)
-        subject_token: read the key at the subject's first or last token (first, last)
-        steps: at most this many Adam steps per query (stops early at NLL < 0.05)
-        lr: learning rate of the value optimisation
-        kl_factor: weight of the KL term that keeps "{subject} is a" contexts unchanged
-        weight_decay: weight of the ‖δ‖² penalty on the value change
-        clamp: ‖δ‖ is clamped to this many times the norm of the original value
-        prefixes: model-written random prefixes each key and value are averaged over
-        prefix_length: tokens of each random prefix
         protect: make each update leave the earlier queries' keys unchanged (off: the paper's plain sequence)
-        seed: seed of the random prefixes
+
+    With the value optimisation's options (ValueOptions).
     """
     requests = persona_requests(persona, queries)
     chosen = check_layer(lm, layer)
-    options = ValueOptions(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp)
-    contexts = random_prefixes(lm, prefixes, prefix_length, seed)
+    contexts = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     param = lm.arch.mlp_out_param(chosen)
     us, vs, keys, fitted = [], [], [], {}
 
@@ -98,15 +82,13 @@ def fit(
     for done, (request, scale, query_id) in enumerate(requests):
         keep = torch.stack(keys, 1) if protect and keys else None
         with so_far().apply(lm) if us else contextlib.nullcontext():
-            update = edit_request(lm, request, chosen, contexts, options, token=subject_token, keep=keep)
+            update = edit_request(lm, request, chosen, contexts, value, keep=keep)
         us.append(update.u * scale)
         vs.append(update.v)
         keys.append(update.key)
         fitted[query_id] = update.info
         if on_progress:
             on_progress(done + 1, len(requests))
-    recorded = {"queries": queries, "layer": chosen, "subject_token": subject_token, "protect": protect, "steps": steps, "lr": lr,
-                "kl_factor": kl_factor, "weight_decay": weight_decay, "clamp": clamp, "prefixes": prefixes,
-                "prefix_length": prefix_length, "seed": seed, "fitted": fitted}
+    recorded = {"layer": chosen, "fitted": fitted}  # what the fit resolved; fit_edit records every option beside it
     return WeightEdit(method="palette", persona=persona, options=recorded, base=BaseModelInfo.of(lm),
                       deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})

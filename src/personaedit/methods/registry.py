@@ -1,19 +1,23 @@
 """Every method, listed once, by name: each is a function (lm, persona, **options) -> Edit.
 
 The list is static (no registration by import side effect): to add a method, write its module with a
-`fit` and add one `Method(...)` row to `METHODS`.
+`fit` and add one `Method(...)` row to `METHODS`. A fit's options are its keyword-only parameters, with
+option groups (options.py) flattened into their fields; `fit_edit` records every option's value in the edit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from personaedit.edits import Edit
 from personaedit.errors import PersonaEditError
 from personaedit.methods import dpnle, ike, memit, mend, npti, palette, prompt, rome, serac, steer
+from personaedit.methods.options import group_options, is_group
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
@@ -33,11 +37,12 @@ class Method:
         return (inspect.getdoc(self.fit) or "").split("\n")[0]
 
     def option_help(self) -> dict[str, str]:
-        """Help per option, from the fit docstring's `Options:` section (`name: text`, continued indented)."""
+        """Help per option: from the fit docstring's `Options:` section (`name: text`, continued indented), and
+        an option group's from its fields."""
+        helps = {name: text for group in self._groups().values() for name, (_, _, text) in group_options(group).items()}
         lines = (inspect.getdoc(self.fit) or "").splitlines()
         if "Options:" not in lines:
-            return {}
-        helps: dict[str, str] = {}
+            return helps
         current = None
         for line in lines[lines.index("Options:") + 1:]:
             if not line.strip():
@@ -51,10 +56,37 @@ class Method:
         return helps
 
     def options(self) -> dict[str, inspect.Parameter]:
-        """Keyword-only options of the fit function (name -> parameter with default and annotation)."""
+        """The method's options, name -> keyword-only parameter with its default and (resolved) annotation:
+        the fit function's own, and each option group's fields in the group's place."""
+        hints = typing.get_type_hints(self.fit)
+        flat: dict[str, inspect.Parameter] = {}
+        for name, param in self._parameters().items():
+            if is_group(param.default):
+                for field, (default, annotation, _) in group_options(param.default).items():
+                    flat[field] = inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                    annotation=annotation)
+            else:
+                flat[name] = param.replace(annotation=hints.get(name, param.annotation))
+        return flat
+
+    def _parameters(self) -> dict[str, inspect.Parameter]:
         params = inspect.signature(self.fit).parameters
-        return {n: p for n, p in params.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and not n.startswith("on_")}
+        return {n: p for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and not n.startswith("on_")}
+
+    def _groups(self) -> dict[str, Any]:
+        """Parameter name -> the default instance of each option group the fit takes."""
+        return {n: p.default for n, p in self._parameters().items() if is_group(p.default)}
+
+    def arguments(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Flat options -> the fit's keyword arguments (each group's fields folded into the group)."""
+        unknown = set(options) - set(self.options())
+        if unknown:
+            raise PersonaEditError(f"method {self.name} has no option {sorted(unknown)[0]!r} "
+                                   f"(valid: {', '.join(self.options())})")
+        kwargs = {n: v for n, v in options.items() if n in self._parameters()}
+        for name, group in self._groups().items():
+            kwargs[name] = dataclasses.replace(group, **{f: options[f] for f in group_options(group) if f in options})
+        return kwargs
 
 
 METHODS: tuple[Method, ...] = (
@@ -97,10 +129,15 @@ def get_method(name: str) -> Method:
     return _BY_NAME[name]
 
 
-def fit_edit(name: str, lm: LoadedModel, persona: Persona | str, **options: Any) -> Edit:
-    """Fit method `name` for `persona` on `lm`."""
+def fit_edit(name: str, lm: LoadedModel, persona: Persona | str, *,
+             on_progress: Callable[[int, int], None] | None = None, **options: Any) -> Edit:
+    """Fit method `name` for `persona` on `lm` with flat `options`. The edit records every option's value,
+    defaults included, under what the fit itself recorded (the values it resolved, how it went)."""
     chosen = get_method(name)
-    unknown = set(options) - set(chosen.options())
-    if unknown:
-        raise PersonaEditError(f"method {name} has no option {sorted(unknown)[0]!r} (valid: {', '.join(chosen.options())})")
-    return chosen.fit(lm, Persona.parse(persona), **options)
+    kwargs = chosen.arguments(options)
+    if on_progress is not None and "on_progress" in inspect.signature(chosen.fit).parameters:
+        kwargs["on_progress"] = on_progress
+    edit = chosen.fit(lm, Persona.parse(persona), **kwargs)
+    given = {n: options.get(n, p.default) for n, p in chosen.options().items()
+             if n in options or p.default is not inspect.Parameter.empty}
+    return dataclasses.replace(edit, options={**given, **edit.options})
