@@ -86,7 +86,7 @@ def test_a_prompt_past_learned_positions_is_a_clear_error():
     from personaedit.models import generate
     from tiny import tiny_lm
 
-    lm = tiny_lm("gpt2")  # 256 learned positions: indexing past them crashes (a device-side assert on CUDA)
-    with pytest.raises(PersonaEditError, match="exceeds this model's 256 positions"):
-        generate(lm, ["word " * 300], max_new_tokens=4)
+    lm = tiny_lm("gpt2")  # 512 learned positions: indexing past them crashes (a device-side assert on CUDA)
+    with pytest.raises(PersonaEditError, match="exceeds this model's 512 positions"):
+        generate(lm, ["word " * 600], max_new_tokens=4)
     assert generate(lm, ["hi"], max_new_tokens=2)

@@ -26,7 +26,7 @@ _CORPUS = [
 
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **_IDS)
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **_IDS)
 
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_DECODER),
@@ -43,22 +43,22 @@ CONFIGS = {
     "stablelm": lambda: T.StableLmConfig(**_DECODER),
     "cohere": lambda: T.CohereConfig(**_DECODER),
     "smollm3": lambda: T.SmolLM3Config(**_DECODER),
-    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=256, **_IDS),
+    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=512, **_IDS),
     "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, max_position_embeddings=256, **_IDS),
+                                        num_attention_heads=4, max_position_embeddings=512, **_IDS),
     "starcoder2": lambda: T.Starcoder2Config(**_DECODER),
     "phi": lambda: T.PhiConfig(**{**_DECODER, "num_key_value_heads": 4}),
     "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_hidden_layers=3,
-                                     num_attention_heads=4, max_position_embeddings=256, **_IDS),
+                                     num_attention_heads=4, max_position_embeddings=512, **_IDS),
     # MPT and BLOOM fix their MLP at 4 × hidden (128), like GPT-2.
     "mpt": lambda: T.MptConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=3, expansion_ratio=4,
-                               max_seq_len=256, **_IDS),
+                               max_seq_len=512, **_IDS),
     # BLOOM layer-norms its embeddings, so at the default 0.02 init its residual stream is ~50× the MLP
     # output and ROME's ‖δ‖²/‖v₀‖² penalty stops it short of the target: a larger init restores the balance.
     "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4, initializer_range=0.1,
                                    **_IDS),
     "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-                               word_embed_proj_dim=32, max_position_embeddings=256, **_IDS),
+                               word_embed_proj_dim=32, max_position_embeddings=512, **_IDS),
 }
 MLP_4X = {"gpt2", "mpt", "bloom"}  # families whose tiny MLP is 128 wide (4 × hidden) instead of 64
 FAMILIES = sorted(CONFIGS)

@@ -304,6 +304,10 @@ from personaedit.cli_export import register as _register_export_commands  # noqa
 
 _register_export_commands(app, vector_app)
 
+from personaedit.cli_calibrate import register as _register_calibrate  # noqa: E402 - `calibrate`
+
+_register_calibrate(app)
+
 
 @vector_app.command("info")
 def vector_info(

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from personaedit.fileio import atomic_path
 from personaedit.methods.contrast import ContrastivePairs
-from personaedit.models.forward import encode_prompts, position_ids, run_until
+from personaedit.models.forward import encode_prompts, left_pad, position_ids, run_until
 from personaedit.models.generation import build_messages, render_chat
 from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
@@ -97,3 +97,48 @@ def capture_pairs(lm: LoadedModel, pairs: "ContrastivePairs", sites: Sequence[Si
         dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
     """`capture` for both sides of contrastive pairs: (high-pole activations, low-pole activations)."""
     return capture(lm, pairs.high, sites, **options), capture(lm, pairs.low, sites, **options)
+
+
+def over_replies(
+    lm: LoadedModel,
+    prompts: Sequence[tuple[str | None, str]],
+    replies: Sequence[str],
+    sites: Sequence[Site],
+    consume: Callable[[Site, torch.Tensor], None],
+    *,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run prompt + reply through the model (teacher forcing) and hand `consume(site, activations)` the
+    activations [reply tokens in the batch, width] at the replies' own tokens, batch by batch, in float32.
+
+    Causal attention makes these the activations the decoding steps computed while writing each reply, so
+    statistics 'on generated tokens' need no hooks inside the generation loop. Returns the reply token count."""
+    texts, templated = render_prompts(lm, prompts)
+    prompt_ids = lm.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    reply_ids = lm.tokenizer(list(replies), add_special_tokens=False)["input_ids"]
+    deepest = max(layer for _, layer in sites)
+    where: dict[str, torch.Tensor] = {}
+
+    def recorder(site: Site):
+        def record(hidden: torch.Tensor) -> None:
+            consume(site, hidden[where["reply"]].to("cpu", torch.float32))
+            return None
+
+        return record
+
+    total = 0
+    with hooked(lm.arch, [(point, layer, recorder((point, layer))) for point, layer in sites]):
+        for start in range(0, len(texts), batch_size):
+            chunk = range(start, min(start + batch_size, len(texts)))
+            batch = left_pad(lm, [prompt_ids[i] + reply_ids[i] for i in chunk])
+            width = batch["input_ids"].shape[1]
+            reply = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+            for row, i in enumerate(chunk):  # left padding: each reply ends at the last position
+                reply[row, width - len(reply_ids[i]):] = len(reply_ids[i]) > 0
+            where["reply"] = reply
+            total += int(reply.sum())
+            run_until(lm, deepest, **batch, position_ids=position_ids(batch["attention_mask"]))
+            if on_progress:
+                on_progress(chunk.stop, len(texts))
+    return total

@@ -13,7 +13,16 @@ from personaedit.edits import Intervention
 from personaedit.errors import PersonaEditError
 from personaedit.persona import Dimension, Persona
 
-Prompt = tuple[str, str]  # (system, user)
+Prompt = tuple[str | None, str]  # (system, user)
+
+# The user turn of the NPTI and DPN-LE reference code (in our words): a description of a persona, then a
+# question the model answers as that persona. Their prompts carry the persona here, not in a system message.
+PERSONA_TEMPLATE = (
+    "Below is a description of a personality, followed by a question. Set aside who you are and become the "
+    "person described, taking on their outlook, tone and attitude, and answer the question as them. Write "
+    "naturally and don't overthink it.\n\n###Personality description: {description}\n\n"
+    "###Question: {question}\n\n###Response:"
+)
 
 
 @dataclass(frozen=True)
@@ -25,23 +34,52 @@ class ContrastivePairs:
     low: list[Prompt]
 
 
-def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", seed: int = 0) -> ContrastivePairs:
+def pole_descriptions(dim: Dimension, split: str = "train") -> tuple[list[str], list[str]]:
+    """The split's paraphrased descriptions of the high and of the low pole of `dim`."""
+    return ([r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.high.name)],
+            [r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.low.name)])
+
+
+def all_questions(split: str = "train") -> list[str]:
+    """The split's situational questions (every trait), then its neutral questions."""
+    return ([r["question"] for r in records("situational_questions", split)]
+            + [r["question"] for r in records("neutral_questions", split)])
+
+
+def trait_questions(dim: Dimension, n: int | None = None, *, split: str = "train") -> list[str]:
+    """Questions about `dim`'s own trait (the reference codes' trait-specific question sets); with `n`, filled up
+    to `n` with the split's other questions. An MBTI axis has no questions of its own: all questions."""
+    own = [r["question"] for r in records("situational_questions", split, trait=dim.name)]
+    if not own:
+        return all_questions(split)[:n]
+    if n is None:
+        return own
+    return (own + [q for q in all_questions(split) if q not in own])[:n]
+
+
+def as_user_turn(description: str, question: str) -> Prompt:
+    """The reference codes' prompt: no system message, persona and question in the user turn."""
+    return None, PERSONA_TEMPLATE.format(description=description, question=question)
+
+
+def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", seed: int = 0,
+                      questions: list[str] | None = None, user_turn: bool = False) -> ContrastivePairs:
     """`n` pairs (description of the high pole, question) / (description of the low pole, same question).
 
-    Questions are the split's situational questions (all traits) and neutral questions; descriptions are
-    the split's paraphrases of each pole. Distinct combinations are used before any repeats."""
-    high_texts = [r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.high.name)]
-    low_texts = [r["text"] for r in records("persona_descriptions", split, dimension=dim.name, pole=dim.low.name)]
-    questions = [r["question"] for r in records("situational_questions", split)]
-    questions += [r["question"] for r in records("neutral_questions", split)]
+    Questions are `questions`, by default the split's situational questions (all traits) and neutral questions;
+    descriptions are the split's paraphrases of each pole. Distinct combinations are used before any repeats.
+    The description goes in the system message, or with `user_turn` into the user turn (`as_user_turn`)."""
+    high_texts, low_texts = pole_descriptions(dim, split)
+    questions = all_questions(split) if questions is None else questions
     combos = [(q, h, l) for q in questions for h in range(len(high_texts)) for l in range(len(low_texts))]
     rng = random.Random(seed)
     rng.shuffle(combos)
     chosen = [combos[i % len(combos)] for i in range(n)]
+    prompt = as_user_turn if user_turn else (lambda description, question: (description, question))
     return ContrastivePairs(
         dim.name,
-        high=[(high_texts[h], q) for q, h, _ in chosen],
-        low=[(low_texts[l], q) for q, _, l in chosen],
+        high=[prompt(high_texts[h], q) for q, h, _ in chosen],
+        low=[prompt(low_texts[l], q) for q, _, l in chosen],
     )
 
 

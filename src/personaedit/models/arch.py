@@ -44,6 +44,7 @@ class Layout:
     mlp_adds: str | None = None  # module (from the layer) whose output the MLP adds to the residual; None: `mlp`
     attn_adds: str | None = None  # same for attention; None: `attention`
     flat_mlp: bool = False  # the MLP runs on [batch·seq, width] (OPT); hooks reshape it to [batch, seq, width]
+    gate_act: str | None = None  # gated MLPs: the activation-function module applied to the gate (from `mlp`)
 
 
 def _join(*parts: str) -> str:
@@ -51,11 +52,11 @@ def _join(*parts: str) -> str:
 
 
 LLAMA_LIKE = Layout("llama-like", "model.layers", "model.norm",
-                    "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj")
+                    "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj", gate_act="act_fn")
 PHI3 = Layout("phi3", "model.layers", "model.norm",
-              "self_attn", "mlp", ("gate_up_proj",), "down_proj")
+              "self_attn", "mlp", ("gate_up_proj",), "down_proj", gate_act="activation_fn")
 GEMMA3_MULTIMODAL = Layout("gemma3-multimodal", "model.language_model.layers", "model.language_model.norm",
-                           "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj")
+                           "self_attn", "mlp", ("gate_proj", "up_proj"), "down_proj", gate_act="act_fn")
 GPT2 = Layout("gpt2", "transformer.h", "transformer.ln_f",
               "attn", "mlp", ("c_fc",), "c_proj")
 GPT_NEOX = Layout("gpt-neox", "gpt_neox.layers", "gpt_neox.final_layer_norm",
@@ -92,7 +93,7 @@ LAYOUTS_BY_MODEL_TYPE: dict[str, Layout] = {
 # match, and BLOOM's sites (the output projections) are also right for falcon, not the reverse.
 KNOWN_LAYOUTS = (LLAMA_LIKE, PHI3, GEMMA3_MULTIMODAL, GPT2, GPT_NEOX, STARCODER2, PHI, BLOOM, FALCON, MPT, OPT)
 
-SITES = ("residual", "mlp_hidden", "mlp_out", "attn_out")
+SITES = ("residual", "mlp_hidden", "mlp_gate", "mlp_out", "attn_out")
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -213,11 +214,19 @@ class Architecture:
         """The module and side ('input' or 'output') that carries activation `point` at layer `index`.
 
         residual: the residual stream after the layer; mlp_hidden: the input of `down_proj`;
-        mlp_out / attn_out: what the MLP / attention adds to the residual stream."""
+        mlp_gate: the gate branch after its activation function, before the product with `up` (NPTI's
+        neurons; in an MLP without a gate it is `mlp_hidden`); mlp_out / attn_out: what the MLP / attention
+        adds to the residual stream."""
         if point == "residual":
             return self.layer(index), "output"
-        if point == "mlp_hidden":
+        if point == "mlp_hidden" or (point == "mlp_gate" and self.layout.gate_act is None):
             return self.mlp_out(index), "input"
+        if point == "mlp_gate":
+            try:
+                return _get(self.mlp(index), self.layout.gate_act), "output"
+            except AttributeError:
+                raise UnsupportedArchitectureError(
+                    f"this {self.model_type} MLP has no `{self.layout.gate_act}` activation module to hook") from None
         if point == "mlp_out":
             return _get(self.layer(index), self.layout.mlp_adds or self.layout.mlp), "output"
         if point == "attn_out":
@@ -226,10 +235,10 @@ class Architecture:
 
     def flattens(self, point: str) -> bool:
         """Whether the module at site `point` sees [batch·seq, width] rather than [batch, seq, width]."""
-        return self.layout.flat_mlp and point in ("mlp_hidden", "mlp_out")
+        return self.layout.flat_mlp and point in ("mlp_hidden", "mlp_gate", "mlp_out")
 
     def site_width(self, point: str) -> int:
-        return self.mlp_size if point == "mlp_hidden" else self.hidden_size
+        return self.mlp_size if point in ("mlp_hidden", "mlp_gate") else self.hidden_size
 
     def middle_layers(self, start: float = 0.25, stop: float = 0.75) -> list[int]:
         """Layers between the given fractions of depth (at least one)."""

@@ -103,9 +103,11 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
     batch_size: int = 16,
+    repetition_penalty: float | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded."""
+    """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded.
+    `repetition_penalty` (CTRL's, as in transformers) is off unless given."""
     rendered = [render_chat(lm.tokenizer, build_messages(lm, p, system)) for p in prompts]
     lengths = [len(ids) for ids in lm.tokenizer([text for text, _ in rendered], add_special_tokens=False)["input_ids"]]
     _check_context(lm, max(lengths, default=0), max_new_tokens)
@@ -114,6 +116,8 @@ def generate(
     stops = stop_token_ids(lm)
     options: dict[str, object] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
                                   "eos_token_id": stops, "pad_token_id": ensure_pad_token(lm.tokenizer)}
+    if repetition_penalty is not None:
+        options["repetition_penalty"] = repetition_penalty
     if sample:
         options.update(temperature=temperature, top_p=top_p)
     else:
