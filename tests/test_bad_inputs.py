@@ -402,6 +402,14 @@ CASES = [
      "nope.jsonl"),
     ("mend-train-out-under-file", lambda w: ["mend", "train", "--model", str(w / "model"),
                                              "--out", str(w / "file.txt" / "e")], "file.txt"),
+    ("calibrate-method", lambda w: ["calibrate", "rome", "--persona", "extraversion=high"], "steer, npti, dpnle"),
+    ("calibrate-persona", lambda w: ["calibrate", "steer", "--persona", "extraversion=loud"], "loud"),
+    ("calibrate-budget-nan", lambda w: ["calibrate", "steer", "-p", "extraversion=high", "--perplexity-budget", "nan"],
+     "--perplexity-budget"),
+    ("calibrate-coherent", lambda w: ["calibrate", "steer", "-p", "extraversion=high", "--coherent-min", "2"],
+     "--coherent-min"),
+    ("calibrate-out-under-file", lambda w: ["calibrate", "steer", "-p", "extraversion=high", "--model", str(w / "model"),
+                                            "--out", str(w / "file.txt" / "e")], "file.txt"),
 ]
 
 

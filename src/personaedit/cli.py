@@ -199,10 +199,15 @@ def _edit_command(name: str):
         if (out / "edit.json").exists() and not force:
             raise InputFileError(f"{out} already holds an edit; pass --force to replace it")
         lm = _load(model, device)
-        with _progress() as progress:
-            task = progress.add_task(f"{name}: fitting", total=None)  # off a terminal: a line every 30 s
-            edit: Edit = fit_edit(name, lm, target, **options,
-                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        if options.pop("calibrate", False):
+            from personaedit.cli_calibrate import fit_calibrated
+
+            edit: Edit = fit_calibrated(lm, name, target, options)
+        else:
+            with _progress() as progress:
+                task = progress.add_task(f"{name}: fitting", total=None)  # off a terminal: a line every 30 s
+                edit = fit_edit(name, lm, target, **options,
+                                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
         edit.save(out)
         err.print(f"saved {edit.kind} edit ({name}, persona {target.spec()}) to {out}")
 
@@ -218,6 +223,10 @@ def _edit_command(name: str):
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--force", help="Replace an edit already in --out.")),
     ]
+    if chosen.family == "activation":
+        params.append(inspect.Parameter("calibrate", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--calibrate", help="Choose layers and strength for this model on validation questions first "
+                                       "(`personaedit calibrate`; cached); strength 1 then means the chosen one.")))
     helps = chosen.option_help()
     for option, param in method_options.items():
         flag = "--" + option.replace("_", "-")

@@ -58,20 +58,25 @@ def calibrate(
 
 
 def _run(method, persona, model, device, out, questions, max_new_tokens, budget, use_cache) -> tuple[dict, Any]:
-    from personaedit.calibration import calibrate as run_calibration, calibrated_edit
-    from personaedit.cli import _load, status
-    from personaedit.eval.text_judge import TextJudge
+    from personaedit.calibration import calibrated_edit
+    from personaedit.cli import _load
 
     lm = _load(model, device)
+    result = _calibration(lm, method, persona, budget=budget, questions=questions, max_new_tokens=max_new_tokens,
+                          use_cache=use_cache)
+    return result, calibrated_edit(lm, method, persona, result) if out is not None else None
+
+
+def _calibration(lm: Any, method: str, persona: Any, **settings: Any) -> dict[str, Any]:
+    """Run (or read from the cache) a calibration, its current step shown as a status line."""
+    from personaedit.calibration import calibrate as run_calibration
+    from personaedit.cli import status
+    from personaedit.eval.text_judge import TextJudge
+
     judge = TextJudge.load()
     with status(f"calibrating {method} for {persona.spec()}") as shown:
-        def stage(text: str) -> None:
-            shown.update(f"calibrating {method}: {text}")
-
-        result = run_calibration(lm, method, persona, judge, budget=budget, questions=questions,
-                                 max_new_tokens=max_new_tokens, use_cache=use_cache, stage=stage)
-        edit = calibrated_edit(lm, method, persona, result) if out is not None else None
-    return result, edit
+        return run_calibration(lm, method, persona, judge, stage=lambda text: shown.update(f"calibrating {method}: {text}"),
+                               **settings)
 
 
 def _print_calibration(result: dict[str, Any]) -> None:
@@ -102,3 +107,12 @@ def _print_calibration(result: dict[str, Any]) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate)
+
+
+def fit_calibrated(lm: Any, method: str, persona: Any, options: dict[str, Any]) -> Any:
+    """`edit METHOD --calibrate`: the calibration (cached, default budget), then the edit at its choice."""
+    from personaedit.calibration import calibrated_edit
+
+    result = _calibration(lm, method, persona)
+    _print_calibration(result)
+    return calibrated_edit(lm, method, persona, result, **options)

@@ -1,0 +1,126 @@
+"""Every method's trait effect on held-out test questions, with intervals: the effect table of docs/BENCHMARKS.md.
+
+For each (method, persona) cell: fit the edit (activation methods at their calibrated setting with --calibrated:
+the choice `personaedit calibrate` makes on validation questions), answer the persona's own test questions plus
+neutral test questions with and without it, and report the judge's paired effect towards the persona with its 95%
+interval and verdict, the share of coherent replies, and the perplexity ratio (how plausible the unedited model finds
+the edited replies, relative to its own). Nothing a cell reports was used to fit or calibrate it.
+
+Cells are appended to --out (JSON lines) as they finish; a rerun skips finished cells, so an interrupted run resumes.
+
+python benchmarks/effect_table.py --model default --methods prompt,steer,npti,dpnle,palette \
+    --personas extraversion=high,extraversion=low --calibrated --out runs/effects-default.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from personaedit.calibration import CALIBRATED, calibrate, calibrated_edit
+from personaedit.data import records
+from personaedit.eval.effect import paired_effect
+from personaedit.eval.metrics import is_coherent
+from personaedit.eval.readings import reply_perplexities
+from personaedit.eval.text_judge import TextJudge
+from personaedit.fileio import write_json_atomic
+from personaedit.methods import fit_edit
+from personaedit.methods.palette import persona_requests
+from personaedit.models import generate, load_model
+from personaedit.persona import BIG_FIVE, Persona
+
+
+def fit_options(method: str, persona: Persona) -> dict:
+    """rome edits one request: the persona's first PALETTE adjustment query (the others fit from the persona alone)."""
+    if method != "rome":
+        return {}
+    request = persona_requests(persona, 1)[0][0]
+    return {"prompt": request.template, "subject": request.subject, "target": request.target}
+
+
+def test_questions(persona: Persona, neutral: int) -> list[str]:
+    own = [r["question"] for dim in persona.dimensions() if dim.name in BIG_FIVE
+           for r in records("situational_questions", "test", trait=dim.name)]
+    if not own:  # an MBTI axis: situational questions of every trait
+        own = [r["question"] for r in records("situational_questions", "test")][::5]
+    return own + [r["question"] for r in records("neutral_questions", "test")][:neutral]
+
+
+def geometric_mean(values: list[float]) -> float:
+    kept = [math.log(v) for v in values if not math.isnan(v) and v > 0]
+    return math.exp(sum(kept) / len(kept)) if kept else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--methods", default="prompt,steer,npti,dpnle,palette")
+    parser.add_argument("--personas", default="extraversion=high,extraversion=low")
+    parser.add_argument("--neutral", type=int, default=20, help="neutral test questions added to the trait's own")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--calibrated", action="store_true", help="activation methods at their calibrated setting")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    lm, judge = load_model(args.model), TextJudge.load()
+    done = set()
+    if args.out.exists():
+        done = {(r["method"], r["persona"]) for r in map(json.loads, args.out.read_text().splitlines())}
+    base_cache: dict[str, tuple[list[str], list[float]]] = {}
+    for spec in args.personas.split(","):
+        persona = Persona.parse(spec)
+        asked = test_questions(persona, args.neutral)
+        for method in args.methods.split(","):
+            if (method, persona.spec()) in done:
+                continue
+            if persona.spec() not in base_cache:
+                replies = generate(lm, asked, max_new_tokens=args.max_new_tokens)
+                base_cache[persona.spec()] = (replies, reply_perplexities(lm, asked, replies))
+            base_replies, base_ppl = base_cache[persona.spec()]
+            started = time.perf_counter()
+            calibration = None
+            if args.calibrated and method in CALIBRATED:
+                calibration = calibrate(lm, method, persona, judge, stage=lambda s: print(f"  [{method}] {s}", flush=True))
+                edit = calibrated_edit(lm, method, persona, calibration)
+            else:
+                edit = fit_edit(method, lm, persona, **fit_options(method, persona))
+            fit_seconds = time.perf_counter() - started
+            with edit.apply(lm):
+                replies = generate(lm, asked, max_new_tokens=args.max_new_tokens)
+            base_towards = [persona.towards(s) for s in judge.score(base_replies)]
+            towards = [persona.towards(s) for s in judge.score(replies)]
+            effect = paired_effect(base_towards, towards)
+            row = {
+                "model": args.model, "method": method, "persona": persona.spec(), "n": len(asked),
+                "effect": effect.to_dict(), "coherent_share": sum(map(is_coherent, replies)) / len(replies),
+                "base_coherent_share": sum(map(is_coherent, base_replies)) / len(base_replies),
+                "perplexity_ratio": geometric_mean(reply_perplexities(lm, asked, replies)) / geometric_mean(base_ppl),
+                "fit_seconds": round(fit_seconds, 1),
+                "calibration": None if calibration is None else calibration["chosen"],
+                "samples": [{"question": q, "base": b, "edited": r} for q, b, r in list(zip(asked, base_replies, replies))[:3]],
+            }
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{method:8} {persona.spec():22} {effect.describe()} {effect.verdict:22} "
+                  f"coherent {row['coherent_share']:.0%} ppl× {row['perplexity_ratio']:.2f}", flush=True)
+    print_table(args.out)
+
+
+def print_table(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    print("\n| method | persona | effect [95% CI] | verdict | coherent | perplexity × | setting |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        e = r["effect"]
+        chosen = r.get("calibration")
+        setting = "defaults" if chosen is None else \
+            f"strength {chosen['strength']:g} {json.dumps(chosen['options']) if chosen['options'] else ''}".strip()
+        print(f"| {r['method']} | {r['persona']} | {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] | {e['verdict']} "
+              f"| {r['coherent_share']:.0%} | {r['perplexity_ratio']:.2f} | {setting} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Per-model calibration on a tiny model with a stand-in judge: the choice rule, the budget, the cache, the edit."""
+
+import pytest
+import torch
+
+from personaedit import calibration
+from personaedit.calibration import Budget, calibrate, calibrated_edit, search_space, validation_questions
+from personaedit.data import records
+from personaedit.errors import PersonaEditError
+from personaedit.methods import fit_edit
+from personaedit.persona import Persona
+from test_suite import FakeJudge
+
+FAST = {"questions": 6, "max_new_tokens": 4}
+STEER = {"pairs": 8, "batch_size": 8, "layer": "1"}
+
+
+@pytest.fixture
+def steer_options(monkeypatch):
+    """Keep the fits tiny: calibration fits with the search space's options; these are added to them."""
+    real = calibration.fit_edit
+    monkeypatch.setattr(calibration, "fit_edit", lambda name, lm, persona, **o: real(name, lm, persona, **{**STEER, **o}))
+
+
+def test_validation_questions_start_with_the_persona_traits_and_never_touch_the_test_split():
+    persona = Persona.parse("extraversion=high")
+    asked = validation_questions(persona, 30)
+    own = [r["question"] for r in records("situational_questions", "validation", trait="extraversion")]
+    assert asked[: len(own)] == own and len(asked) == 30
+    test = {r["question"] for name in ("situational_questions", "neutral_questions") for r in records(name, "test")}
+    assert not set(asked) & test
+
+
+def test_calibration_picks_the_largest_effect_within_the_budget(lm, steer_options):
+    persona = Persona.parse("extraversion=high")
+    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(50.0, 0.0), **FAST)
+    _, strengths = search_space("steer", lm)
+    assert [t["strength"] for t in result["trials"]] == strengths
+    best = max(result["trials"], key=lambda t: t["effect"]["mean"])
+    assert result["chosen"] == best and result["split"] == "validation"
+    for trial in result["trials"]:
+        effect = trial["effect"]
+        assert effect["low"] <= effect["mean"] <= effect["high"] and effect["n"] == FAST["questions"]
+
+
+def test_nothing_within_budget_means_no_choice_and_no_edit(lm, steer_options):
+    persona = Persona.parse("extraversion=high")
+    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(1.0, 1.01), **FAST)
+    assert result["chosen"] is None and result["trials"]
+    with pytest.raises(PersonaEditError, match="within the budget"):
+        calibrated_edit(lm, "steer", persona, result)
+
+
+def test_calibration_is_cached_per_model_method_persona_and_budget(lm, steer_options, monkeypatch):
+    persona = Persona.parse("extraversion=low")
+    first = calibrate(lm, "steer", persona, FakeJudge(), **FAST)
+
+    def no_generation(*_a, **_k):
+        raise AssertionError("a cached calibration should not generate")
+
+    monkeypatch.setattr(calibration, "generate", no_generation)
+    assert calibrate(lm, "steer", persona, FakeJudge(), **FAST) == first
+    with pytest.raises(AssertionError, match="should not generate"):  # another budget is another calibration
+        calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(2.0, 0.5), **FAST)
+
+
+def test_a_calibrated_edit_carries_its_choice_and_means_it_at_strength_one(lm, steer_options):
+    persona = Persona.parse("extraversion=high")
+    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(50.0, 0.0), **FAST)
+    edit = calibrated_edit(lm, "steer", persona, result, **STEER)
+    chosen = result["chosen"]
+    assert edit.scale == chosen["strength"] and edit.options["calibration"]["validation"] == chosen
+    plain = fit_edit("steer", lm, persona, **STEER)
+    ids = torch.randint(3, 300, (1, 6))
+    with edit.apply(lm), torch.no_grad():
+        calibrated_logits = lm.model(ids).logits
+    with plain.apply(lm, chosen["strength"]), torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, calibrated_logits)
+
+
+def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_middle(lm):
+    options, strengths = search_space("dpnle", lm)
+    assert {"layers": "1-2"} in options and strengths == [1.0, 2.0, 4.0, 8.0]
+    with pytest.raises(PersonaEditError, match="steer, npti, dpnle"):
+        search_space("palette", lm)
