@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-from personaedit.calibration import CALIBRATED, calibrate, calibrated_edit
+from personaedit.calibration import CALIBRATED, calibrate, calibrated_edit, geometric_mean
 from personaedit.data import records
 from personaedit.eval.effect import paired_effect
 from personaedit.eval.metrics import is_coherent
@@ -47,11 +46,6 @@ def test_questions(persona: Persona, neutral: int) -> list[str]:
     if not own:  # an MBTI axis: situational questions of every trait
         own = [r["question"] for r in records("situational_questions", "test")][::5]
     return own + [r["question"] for r in records("neutral_questions", "test")][:neutral]
-
-
-def geometric_mean(values: list[float]) -> float:
-    kept = [math.log(v) for v in values if not math.isnan(v) and v > 0]
-    return math.exp(sum(kept) / len(kept)) if kept else math.nan
 
 
 def main() -> None:

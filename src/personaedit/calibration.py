@@ -10,7 +10,7 @@ model answers the persona's validation questions with the edit applied, and the 
   unedited replies (geometric means of per-reply perplexity) — it catches text an edit has broken.
 The chosen setting is the largest effect whose coherence and perplexity stay within the budget (default:
 perplexity ≤ 1.5×, coherent ≥ 90%). The result is cached per (model fingerprint, method, persona, budget,
-questions), and a calibrated edit carries it in its options (`info` shows it) with the chosen strength as its
+questions; the package ships the default model's), and a calibrated edit carries it in its options (`info` shows it) with the chosen strength as its
 scale, so strength 1 means the calibrated strength. Nothing here sees a test question.
 """
 
@@ -87,16 +87,36 @@ class Trial:
                 "coherent_share": self.coherent_share, "perplexity_ratio": self.perplexity_ratio}
 
 
-def _geometric_mean(values: Sequence[float]) -> float:
+def geometric_mean(values: Sequence[float]) -> float:
     kept = [math.log(v) for v in values if not math.isnan(v) and v > 0]
     return math.exp(sum(kept) / len(kept)) if kept else math.nan
 
 
-def _cache_path(lm: LoadedModel, method: str, persona: Persona, budget: Budget, questions: list[str],
-                max_new_tokens: int) -> Any:
-    key = hashlib.sha256(json.dumps([method, persona.spec(), dataclasses.asdict(budget), questions,
-                                     max_new_tokens]).encode()).hexdigest()[:16]
+def _key(method: str, persona: Persona, budget: Budget, questions: list[str], max_new_tokens: int) -> str:
+    return hashlib.sha256(json.dumps([method, persona.spec(), dataclasses.asdict(budget), questions,
+                                      max_new_tokens]).encode()).hexdigest()[:16]
+
+
+def _cache_path(lm: LoadedModel, method: str, key: str) -> Any:
     return cache_dir() / "calibration" / lm.fingerprint / f"{method}-{key}.json"
+
+
+def stored(lm: LoadedModel, method: str, persona: Persona, *, budget: Budget = Budget(), questions: int = 36,
+           max_new_tokens: int = 40) -> dict[str, Any] | None:
+    """The calibration with these settings from the user cache or the package, without measuring anything."""
+    key = _key(method, persona, budget, validation_questions(persona, questions), max_new_tokens)
+    path = _cache_path(lm, method, key)
+    if path.is_file():
+        return json.loads(path.read_text())
+    return shipped(lm.fingerprint, key)
+
+
+def shipped(fingerprint: str, key: str) -> dict[str, Any] | None:
+    """A calibration the package ships (measured on the default model, docs/BENCHMARKS.md), if it has this one."""
+    for row in records("calibrations"):
+        if row["fingerprint"] == fingerprint and row["key"] == key:
+            return row
+    return None
 
 
 def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, budget: Budget = Budget(),
@@ -106,13 +126,14 @@ def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, bud
     (`chosen` is None when no setting stays within the budget)."""
     options_sets, strengths = search_space(method, lm)
     asked = validation_questions(persona, questions)
-    path = _cache_path(lm, method, persona, budget, asked, max_new_tokens)
-    if use_cache and path.is_file():
-        return json.loads(path.read_text())
+    key = _key(method, persona, budget, asked, max_new_tokens)
+    if use_cache and (known := stored(lm, method, persona, budget=budget, questions=questions,
+                                      max_new_tokens=max_new_tokens)) is not None:
+        return known
     stage("unedited replies")
     base_replies = generate(lm, asked, max_new_tokens=max_new_tokens)
     base_towards = [persona.towards(s) for s in judge.score(base_replies)]
-    base_perplexity = _geometric_mean(reply_perplexities(lm, asked, base_replies))
+    base_perplexity = geometric_mean(reply_perplexities(lm, asked, base_replies))
     trials: list[Trial] = []
     for options in options_sets:
         stage(f"fitting {method} {json.dumps(options)}")
@@ -122,19 +143,19 @@ def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, bud
             with edit.apply(lm, strength):
                 replies = generate(lm, asked, max_new_tokens=max_new_tokens)
             towards = [persona.towards(s) for s in judge.score(replies)]
-            ratio = _geometric_mean(reply_perplexities(lm, asked, replies)) / base_perplexity
+            ratio = geometric_mean(reply_perplexities(lm, asked, replies)) / base_perplexity
             trials.append(Trial(options, strength, paired_effect(base_towards, towards),
                                 sum(map(is_coherent, replies)) / len(replies), ratio))
     admissible = [t for t in trials if t.within(budget)]
     chosen = max(admissible, key=lambda t: t.effect.mean, default=None)
     result = {
-        "method": method, "persona": persona.spec(), "model": lm.spec, "fingerprint": lm.fingerprint,
+        "method": method, "persona": persona.spec(), "model": lm.spec, "fingerprint": lm.fingerprint, "key": key,
         "budget": dataclasses.asdict(budget), "questions": len(asked), "split": "validation",
         "max_new_tokens": max_new_tokens, "trials": [t.to_dict() for t in trials],
         "chosen": None if chosen is None else chosen.to_dict(),
     }
     if use_cache:
-        write_json_atomic(path, result)
+        write_json_atomic(_cache_path(lm, method, key), result)
     return result
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from personaedit.calibration import CALIBRATED, calibrated_edit, stored
 from personaedit.data import records
 from personaedit.eval.effect import Effect, paired_effect
 from personaedit.fileio import write_text_atomic
@@ -79,10 +80,14 @@ def run_demo(
     step(PLAIN)
     result.columns[PLAIN] = generate(lm, questions, max_new_tokens=max_new_tokens)
     for name, options in chosen.items():
-        title = f"{name} ({registered[name].family})"
+        # An activation method runs at its calibrated setting for this model when a calibration is at hand (the
+        # user's cache, or the one the package ships for the default model); it was fitted with default options.
+        calibration = stored(lm, name, persona) if name in CALIBRATED else None
+        calibrated = calibration is not None and calibration["chosen"] is not None
+        title = f"{name} ({registered[name].family}{', calibrated' if calibrated else ''})"
         step(f"fitting {name}")
         started = time.perf_counter()
-        edit = fit_edit(name, lm, persona, **options)
+        edit = calibrated_edit(lm, name, persona, calibration) if calibrated else fit_edit(name, lm, persona, **options)
         result.fit_seconds[title] = time.perf_counter() - started
         step(f"generating with {name}")
         with edit.apply(lm):
