@@ -83,3 +83,15 @@ def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_mi
     assert {"layers": "1-2"} in options and strengths == [1.0, 2.0, 4.0, 8.0]
     with pytest.raises(PersonaEditError, match="steer, npti, dpnle"):
         search_space("palette", lm)
+
+
+def test_info_shows_the_calibration(lm, steer_options, tmp_path, capsys):
+    from clirun import run_cli
+
+    persona = Persona.parse("extraversion=high")
+    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(50.0, 0.0), **FAST)
+    folder = calibrated_edit(lm, "steer", persona, result, **STEER).save(tmp_path / "calibrated")
+    code, out, _ = run_cli(["info", str(folder)], capsys)
+    strength = result["chosen"]["strength"]
+    assert code == 0 and f"calibrated for this model: strength {strength:g}" in out
+    assert f"on {FAST['questions']} validation questions effect" in out

@@ -271,8 +271,18 @@ def _print_edit(edit: Any, indent: str) -> None:
     stdout.print(f"{indent}[bold]{edit.kind} edit[/bold] · method [cyan]{edit.method}[/cyan] · scale {edit.scale:g}")
     if edit.persona:
         stdout.print(f"{indent}  persona: {edit.persona.spec()}")
+    calibration = edit.options.get("calibration") if edit.options else None
     if edit.options:
-        stdout.print(f"{indent}  options: {_escape(json.dumps(edit.options, sort_keys=True))}")
+        shown = {k: v for k, v in edit.options.items() if k != "calibration"}
+        stdout.print(f"{indent}  options: {_escape(json.dumps(shown, sort_keys=True))}")
+    if calibration:
+        effect = calibration["validation"]["effect"]
+        stdout.print(f"{indent}  calibrated for this model: strength {calibration['strength']:g} (the edit's scale)"
+                     f"{' with ' + json.dumps(calibration['options']) if calibration['options'] else ''}; on "
+                     f"{calibration['questions']} validation questions effect {effect['mean']:+.3f} "
+                     f"[{effect['low']:+.3f}, {effect['high']:+.3f}] ({effect['verdict']}), coherent "
+                     f"{calibration['validation']['coherent_share']:.0%}, perplexity "
+                     f"×{calibration['validation']['perplexity_ratio']:.2f}")
     if edit.base:
         b = edit.base
         stdout.print(f"{indent}  base model: {b.spec} ({b.model_type}, {b.layers} layers, fingerprint {b.fingerprint})")
@@ -285,7 +295,7 @@ def _print_edit(edit: Any, indent: str) -> None:
         for item in edit.interventions:
             width = None
             if edit.base:
-                width = edit.base.mlp_size if item.point == "mlp_hidden" else edit.base.hidden_size
+                width = edit.base.mlp_size if item.point in ("mlp_hidden", "mlp_gate") else edit.base.hidden_size
             share = f"{item.touched / width:.2%}" if width else "?"
             table.add_row(str(item.layer), item.point, item.op, item.positions, str(item.touched), share)
         stdout.print(table)
