@@ -90,3 +90,23 @@ def test_a_prompt_past_learned_positions_is_a_clear_error():
     with pytest.raises(PersonaEditError, match="exceeds this model's 512 positions"):
         generate(lm, ["word " * 600], max_new_tokens=4)
     assert generate(lm, ["hi"], max_new_tokens=2)
+
+
+def test_a_model_without_a_chat_template_stops_at_the_next_user_turn(monkeypatch):
+    """Base models write the transcript's next "User:" turn themselves; that is not part of the reply."""
+    import torch
+
+    from personaedit.models import generate
+    from tiny import tiny_lm
+
+    lm = tiny_lm("llama", chat_template=False)
+    seen = {}
+
+    def fake_generate(input_ids, **options):
+        seen.update(options)
+        written = lm.tokenizer("Sure thing.\nUser: and what else?", add_special_tokens=False)["input_ids"]
+        return torch.cat([input_ids, torch.tensor([written] * input_ids.shape[0])], 1)
+
+    monkeypatch.setattr(lm.model, "generate", fake_generate)
+    assert generate(lm, ["hi"], max_new_tokens=20) == ["Sure thing."]
+    assert seen["stop_strings"] == ["\nUser:"] and seen["tokenizer"] is lm.tokenizer

@@ -15,6 +15,8 @@ from personaedit.models.loading import LoadedModel
 
 # End-of-turn markers of common chat templates; used as extra stop tokens when the vocabulary has them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+# What opens the next user turn in the plain transcript `render_chat` writes for a tokenizer without a template.
+TRANSCRIPT_TURN = "\nUser:"
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,17 @@ def generate(
         chunk = order[start:start + batch_size]
         uses_template = rendered[chunk[0]][1]
         batch = encode_prompts(lm, [rendered[i][0] for i in chunk], add_special_tokens=not uses_template)
+        # In the plain transcript a model without a chat template (a base model) goes on to write the next
+        # "User:" turn itself: that ends its reply.
+        turn_end = {} if uses_template else {"stop_strings": [TRANSCRIPT_TURN], "tokenizer": lm.tokenizer}
         with torch.no_grad(), torch.random.fork_rng(devices=[]) if sample else contextlib.nullcontext():
             if sample:
                 torch.manual_seed(seed + start)
-            output = lm.model.generate(**batch, **options)
+            output = lm.model.generate(**batch, **options, **turn_end)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         for row, index in enumerate(chunk):
-            replies[index] = lm.tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            reply = lm.tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+            replies[index] = (reply if uses_template else reply.split(TRANSCRIPT_TURN)[0]).strip()
         done += len(chunk)
         if on_batch:
             on_batch(done, len(prompts))
