@@ -29,6 +29,7 @@ from personaedit.fileio import write_json_atomic
 from personaedit.methods import fit_edit
 from personaedit.methods.palette import persona_requests
 from personaedit.models import generate, load_model
+from personaedit.models.loading import cache_dir
 from personaedit.persona import BIG_FIVE, Persona
 
 
@@ -57,7 +58,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--calibrated", action="store_true", help="activation methods at their calibrated setting")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
     args = parser.parse_args()
+    if args.table_only:
+        print_table(args.out)
+        return
 
     lm, judge = load_model(args.model), TextJudge.load()
     done = set()
@@ -94,6 +99,7 @@ def main() -> None:
                 "perplexity_ratio": geometric_mean(reply_perplexities(lm, asked, replies)) / geometric_mean(base_ppl),
                 "fit_seconds": round(fit_seconds, 1),
                 "calibration": None if calibration is None else calibration["chosen"],
+                "calibration_trials": None if calibration is None else calibration["trials"],
                 "samples": [{"question": q, "base": b, "edited": r} for q, b, r in list(zip(asked, base_replies, replies))[:3]],
             }
             with args.out.open("a") as fh:
@@ -101,6 +107,25 @@ def main() -> None:
             print(f"{method:8} {persona.spec():22} {effect.describe()} {effect.verdict:22} "
                   f"coherent {row['coherent_share']:.0%} ppl× {row['perplexity_ratio']:.2f}", flush=True)
     print_table(args.out)
+
+
+def print_calibrations(rows: list[dict]) -> None:
+    """Every calibration the cells used: each setting's validation effect, coherence and perplexity ratio."""
+    cached = [json.loads(p.read_text()) for p in (cache_dir() / "calibration").glob("*/*.json")]
+    for row in rows:
+        if row.get("calibration") and not row.get("calibration_trials"):  # a row written before trials were kept
+            row["calibration_trials"] = next((c["trials"] for c in cached if c["method"] == row["method"]
+                                              and c["persona"] == row["persona"] and c["chosen"] == row["calibration"]), None)
+        if not row.get("calibration_trials"):
+            continue
+        print(f"\n{row['method']} for {row['persona']} (validation questions):")
+        print("| setting | strength | effect [95% CI] | coherent | perplexity × |\n|---|---|---|---|---|")
+        for t in row["calibration_trials"]:
+            e = t["effect"]
+            chosen = " (chosen)" if t == row["calibration"] else ""
+            print(f"| {json.dumps(t['options']) if t['options'] else 'defaults'} | {t['strength']:g}{chosen} "
+                  f"| {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] | {t['coherent_share']:.0%} "
+                  f"| {t['perplexity_ratio']:.2f} |")
 
 
 def print_table(path: Path) -> None:
@@ -114,6 +139,7 @@ def print_table(path: Path) -> None:
             f"strength {chosen['strength']:g} {json.dumps(chosen['options']) if chosen['options'] else ''}".strip()
         print(f"| {r['method']} | {r['persona']} | {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] | {e['verdict']} "
               f"| {r['coherent_share']:.0%} | {r['perplexity_ratio']:.2f} | {setting} |")
+    print_calibrations(rows)
 
 
 if __name__ == "__main__":
