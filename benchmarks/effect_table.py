@@ -41,9 +41,12 @@ def fit_options(method: str, persona: Persona) -> dict:
     return {"prompt": request.template, "subject": request.subject, "target": request.target}
 
 
-def test_questions(persona: Persona, neutral: int) -> list[str]:
+def test_questions(persona: Persona, neutral: int, every_trait: bool = False) -> list[str]:
+    """The persona's own traits' test situational questions (or, with `every_trait`, all 100), then neutral ones."""
     own = [r["question"] for dim in persona.dimensions() if dim.name in BIG_FIVE
            for r in records("situational_questions", "test", trait=dim.name)]
+    if every_trait:
+        own += [r["question"] for r in records("situational_questions", "test") if r["question"] not in own]
     if not own:  # an MBTI axis: situational questions of every trait
         own = [r["question"] for r in records("situational_questions", "test")][::5]
     return own + [r["question"] for r in records("neutral_questions", "test")][:neutral]
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--personas", default="extraversion=high,extraversion=low")
     parser.add_argument("--neutral", type=int, default=20, help="neutral test questions added to the trait's own")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--every-trait", action="store_true",
+                        help="ask all 100 test situational questions, not only the persona's own trait's 20")
     parser.add_argument("--calibrated", action="store_true", help="activation methods at their calibrated setting")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
@@ -71,7 +76,7 @@ def main() -> None:
     base_cache: dict[str, tuple[list[str], list[float]]] = {}
     for spec in args.personas.split(","):
         persona = Persona.parse(spec)
-        asked = test_questions(persona, args.neutral)
+        asked = test_questions(persona, args.neutral, args.every_trait)
         for method in args.methods.split(","):
             if (method, persona.spec()) in done:
                 continue
