@@ -111,8 +111,10 @@ def fit(
                                      questions=questions, user_turn=True)
         else:
             data = contrastive_pairs(dim, pairs, seed=seed)
+        # Every layer is captured (one forward pass costs the same), so other layer ranges reuse the cache.
+        every = [("mlp_hidden", l) for l in range(lm.arch.num_layers)]
+        high, low = capture_pairs(lm, data, every, batch_size=batch_size, on_progress=on_progress)
         sites = [("mlp_hidden", l) for l in layer_ids]
-        high, low = capture_pairs(lm, data, sites, batch_size=batch_size, on_progress=on_progress)
         items = []
         counts: dict[str, list[int]] = {"high": [], "low": []}
         for layer, site in zip(layer_ids, sites):
