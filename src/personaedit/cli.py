@@ -380,9 +380,15 @@ def vector_train(
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
 ) -> None:
-    """Fine-tune on dialogue in one persona (LoRA or full) and save φ = θ_ft − θ_base as a weight edit."""
+    """Fine-tune on dialogue in one persona (LoRA or full) and save φ = θ_ft − θ_base as a weight edit.
+
+    Under `accelerate launch` every process trains (DDP; FSDP / DeepSpeed from accelerate's config) on its own
+    device; --batch-size is the global batch; rank 0 alone prints progress and writes the vector."""
+    from contextlib import nullcontext
+
     from torch import device as torch_device
 
+    from personaedit import distributed
     from personaedit.persona import Persona
     from personaedit.vectors import train_vector
 
@@ -391,9 +397,26 @@ def vector_train(
     check_output_path(out, folder=True)
     if big5_chat is not None and not big5_chat.is_file():
         raise InputFileError(f"--big5-chat {big5_chat}: no such file")
-    lm = _load(model, device)
-    with _progress() as progress:
-        on_progress = _staged(progress)
+    processes, main = distributed.world_size(), distributed.is_main()
+    if batch_size % processes:
+        raise PersonaEditError(f"--batch-size {batch_size} is the global batch: it must split evenly over the {processes} "
+                               "processes the launcher started")
+    if distributed.single_cpu_process_of_many():
+        err.print("note: `accelerate launch --cpu` started one process (it starts more only with --mpirun_hostfile); for "
+                  "N CPU processes here: CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N ...",
+                  markup=False)
+    if processes == 1:
+        lm = _load(model, device)
+    else:  # join the launcher's process group; rank 0 loads first when a GGUF file is converted into the cache
+        from personaedit.models import load_model
+        from personaedit.models.loading import NAMED_MODELS, pick_device
+
+        distributed.start(cpu=pick_device(device).type == "cpu")
+        converts = model in NAMED_MODELS or model.endswith(".gguf")
+        with status(f"loading {model} in {processes} processes") if main else nullcontext():
+            lm = distributed.in_turn(lambda: load_model(model, device=device)) if converts else load_model(model, device=device)
+    with _progress() if main else nullcontext() as progress:
+        on_progress = _staged(progress) if main else None
 
         trained = train_vector(
             lm, target, out, big5_chat=big5_chat, limit=limit, samples_per_question=samples_per_question,
@@ -402,6 +425,8 @@ def vector_train(
             grad_accumulation=grad_accumulation, max_length=max_length, save_steps=save_steps, seed=seed,
             on_progress=on_progress,
         )
+    if not main:
+        return
     if all(float(delta.materialise(torch_device("cpu")).abs().max()) == 0 for delta in trained.edit.deltas.values()):
         err.print("warning: the vector is all zeros: training changed nothing (too few steps, or a learning rate of 0); "
                   "it will not change the model", markup=False)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError
 
+from personaedit import distributed
 from personaedit.errors import ModelNotFoundError, PersonaEditError
 from personaedit.fileio import atomic_dir, atomic_path, write_json_atomic
 from personaedit.models.arch import Architecture
@@ -69,13 +70,29 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """`device`, else the best one here. Under a launcher that started several processes (`accelerate launch`,
+    `torchrun`), a CUDA device without an index is this process's own, `cuda:LOCAL_RANK`, and
+    `accelerate launch --cpu` means the CPU."""
     if device and device != "auto":
-        return torch.device(device)
+        return _per_process(torch.device(device))
+    if distributed.launcher_wants_cpu():
+        return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return _per_process(torch.device("cuda"))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _per_process(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:LOCAL_RANK` when a launcher started several processes on this machine (one GPU each)."""
+    local = distributed.local_rank()
+    if device.type != "cuda" or device.index is not None or local is None:
+        return device
+    if local >= torch.cuda.device_count():
+        raise PersonaEditError(f"this is process {local} on its machine (LOCAL_RANK), but only {torch.cuda.device_count()} "
+                               "CUDA device(s) are visible: start at most one process per GPU")
+    return torch.device("cuda", local)
 
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from personaedit.data import records
 from personaedit.data.external import load_big5_chat
@@ -50,6 +50,8 @@ def distill(
     batch_size: int = 16,
     on_progress: Callable[[int, int], None] | None = None,
     partial: Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reuse: Sequence[Path] = (),
 ) -> list[Example]:
     """Answers of `lm` under the persona prompt (at `prompt_strength`) to all training questions, or to a
     seeded random `questions` of them, sampled with seeds; empty replies dropped.
@@ -57,54 +59,63 @@ def distill(
     Questions are answered in batches of `batch_size`, each sampled with its own seed, so a batch's answers do
     not depend on the batches before it. With `partial`, each finished batch is appended to that file (flushed
     to disk) and batches already there, made with the same model and settings, are reused: a killed run
-    resumes where it stopped and ends with the examples an uninterrupted run makes."""
+    resumes where it stopped and ends with the examples an uninterrupted run makes.
+
+    `shard=(index, count)` makes and returns only every count-th batch from the index-th (one process's share
+    when several split the work); batches found in the `reuse` files (other processes' `partial` files, only
+    read) are taken from there, so the union of all shares equals one process's run."""
     system = describe(persona.scaled(prompt_strength))
     asked = training_questions()
     if questions is not None and questions < len(asked):
         asked = sorted(random.Random(seed).sample(asked, questions), key=asked.index)
-    total = len(asked) * samples_per_question
+    index, count = shard
+    batches = [(round_, start) for round_ in range(samples_per_question) for start in range(0, len(asked), batch_size)]
+    mine = [key for number, key in enumerate(batches) if number % count == index]
+    total = sum(len(asked[start:start + batch_size]) for _, start in mine)
     header = {"partial_examples": 1, "model": lm.fingerprint, "system": system, "max_new_tokens": max_new_tokens,
               "seed": seed, "batch_size": batch_size}
-    finished = _resume_partial(partial, header) if partial is not None else {}
+    finished: dict[tuple[int, int], dict] = {}
+    for other in reuse:
+        finished.update(_read_partial(other, header))
+    if partial is not None:
+        finished.update(_resume_partial(partial, header))
     examples: list[Example] = []
     done = 0
-    for round_ in range(samples_per_question):
-        for start in range(0, len(asked), batch_size):
-            chunk = asked[start:start + batch_size]
-            record = finished.get((round_, start))
-            if record is not None and record.get("questions") == chunk:
-                made = [Example(**e) for e in record["examples"]]
-            else:
-                replies = generate(lm, chunk, system=system, max_new_tokens=max_new_tokens, sample=True,
-                                   seed=seed + 1000 * round_ + start, batch_size=len(chunk))
-                made = [Example(q, r, ended=reply_ended(lm.tokenizer, r, max_new_tokens))
-                        for q, r in zip(chunk, replies) if r.strip()]
-                if partial is not None:
-                    append_line_durably(partial, json.dumps({"round": round_, "start": start, "questions": chunk,
-                                                             "examples": [asdict(e) for e in made]}, ensure_ascii=False))
-                    fault_point("distill.batch")
-            examples += made
-            done += len(chunk)
-            if on_progress:
-                on_progress(done, total)
+    for round_, start in mine:
+        chunk = asked[start:start + batch_size]
+        record = finished.get((round_, start))
+        if record is not None and record.get("questions") == chunk:
+            made = [Example(**e) for e in record["examples"]]
+        else:
+            replies = generate(lm, chunk, system=system, max_new_tokens=max_new_tokens, sample=True,
+                               seed=seed + 1000 * round_ + start, batch_size=len(chunk))
+            made = [Example(q, r, ended=reply_ended(lm.tokenizer, r, max_new_tokens))
+                    for q, r in zip(chunk, replies) if r.strip()]
+            if partial is not None:
+                append_line_durably(partial, json.dumps({"round": round_, "start": start, "questions": chunk,
+                                                         "examples": [asdict(e) for e in made]}, ensure_ascii=False))
+                fault_point("distill.batch")
+        examples += made
+        done += len(chunk)
+        if on_progress:
+            on_progress(done, total)
     return examples
 
 
-def _resume_partial(path: Path, header: dict) -> dict[tuple[int, int], dict]:
-    """The whole batches in `path` made with `header`'s settings; the file is rewritten (atomically) to hold
-    just those, so later appends follow a whole line. Another run's file or a broken line is dropped."""
-    records: dict[tuple[int, int], dict] = {}
-    lines: list[str] = []
-    if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
+def _read_partial(path: Path, header: dict) -> dict[tuple[int, int], dict]:
+    """The whole batches in `path` made with `header`'s settings (none if it is another run's file or absent);
+    a line cut short by a crash is skipped."""
     try:
-        same_run = bool(lines) and json.loads(lines[0]) == header
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        if not lines or json.loads(lines[0]) != header:
+            return {}
     except ValueError:
-        same_run = False
-    for line in lines[1:] if same_run else []:
+        return {}
+    records: dict[tuple[int, int], dict] = {}
+    for line in lines[1:]:
         try:
             record = json.loads(line)
             key = (int(record["round"]), int(record["start"]))
@@ -112,6 +123,13 @@ def _resume_partial(path: Path, header: dict) -> dict[tuple[int, int], dict]:
         except (ValueError, TypeError, KeyError):
             continue  # a line cut short by a crash
         records[key] = record
+    return records
+
+
+def _resume_partial(path: Path, header: dict) -> dict[tuple[int, int], dict]:
+    """`_read_partial`, and the file rewritten (atomically) to hold just those batches, so later appends follow
+    a whole line."""
+    records = _read_partial(path, header)
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [header, *records.values()]))
     return records
 
