@@ -44,6 +44,7 @@ from personaedit.methods.capture import over_replies
 from personaedit.methods.contrast import ContrastivePairs, as_user_turn, parse_layers, per_dimension, \
     pole_descriptions, trait_questions
 from personaedit.models import LoadedModel, generate
+from personaedit.models.generation import TRANSCRIPT_TURN
 from personaedit.models.loading import cache_dir
 from personaedit.persona import Dimension, Persona
 
@@ -62,7 +63,10 @@ def answering_prompts(dim: Dimension, questions: list[str], seed: int) -> Contra
 def persona_replies(lm: LoadedModel, prompts: list[tuple[str | None, str]], max_new_tokens: int,
                     batch_size: int, on_progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Greedy replies to user-turn prompts, cached per (model, prompts, length): the costly part of a fit."""
-    key = hashlib.sha256(json.dumps([lm.fingerprint, prompts, max_new_tokens, REPETITION_PENALTY]).encode())
+    key_parts = [lm.fingerprint, prompts, max_new_tokens, REPETITION_PENALTY]
+    if not getattr(lm.tokenizer, "chat_template", None):  # replies now end at the transcript's next user turn
+        key_parts.append(TRANSCRIPT_TURN)
+    key = hashlib.sha256(json.dumps(key_parts).encode())
     path = cache_dir() / "replies" / f"{key.hexdigest()[:24]}.json"
     if path.is_file():
         return json.loads(path.read_text())
