@@ -43,7 +43,7 @@ def test_grid_parsing_and_method_selection():
 
 
 def test_bench_runs_a_grid_resumes_after_an_interruption_and_reports(lm, tmp_path, monkeypatch):
-    import personaedit.bench.runner as runner
+    import personaedit.bench.cell as runner  # where the cells of a (method, persona) are measured
 
     methods, personas, strengths = ["prompt", "steer"], ["extraversion=high", "agreeableness=low"], [0.0, 1.0, 2.0]
     measured = []

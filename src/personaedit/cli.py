@@ -717,10 +717,16 @@ def bench(
     out: Path = typer.Option(..., "--out", help="Bench folder: results.sqlite, edits/, report.{md,html}, plots/."),
     suite: str = typer.Option("quick", "--suite", help="quick | full"),
     backend: str = typer.Option("local", "--backend", help="local | ray (an existing Ray cluster, or a local one)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="--backend ray: the cluster's head, HOST:PORT (default: RAY_ADDRESS, "
+                                                   "else a local cluster started here)."),
     settings: List[str] = typer.Option([], "--set", help="A method option, METHOD.OPTION=VALUE (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
-    """Fit, evaluate and compare methods over personas and strengths; resumable; writes a report with plots."""
+    """Fit, evaluate and compare methods over personas and strengths; resumable; writes a report with plots.
+
+    With --backend ray each (method, persona) runs as a Ray task; a task that fails is recorded in
+    results.sqlite (table failures) and run again, up to 3 times."""
     from rich.markdown import Markdown
 
     from personaedit.bench import (check_resumable, parse_method_options, parse_personas, parse_strengths, run_bench,
@@ -735,21 +741,47 @@ def bench(
 
     if backend not in BACKENDS:
         raise PersonaEditError(f"unknown backend {backend!r} (valid: {', '.join(BACKENDS)})")
+    if ray_address is not None and backend != "ray":
+        raise PersonaEditError("--ray-address is for --backend ray")
     check_device(device)
     check_output_path(out, folder=True)
     check_resumable(out, chosen, suite=suite, method_options=options)  # a folder that cannot resume: before the load
+    if backend == "ray":
+        from personaedit.bench.ray_backend import connect
+
+        with status(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting Ray"):
+            connect(ray_address)  # an address with no cluster behind it: one line, before the model is loaded
     lm = _load(model, device)
+    lost = None
     with _progress() as progress:
         task = progress.add_task("bench", total=None)
 
         def on_progress(done: int, total: int, label: str) -> None:
             progress.update(task, completed=done, total=total, description=f"bench: {label}")
 
-        run_bench(lm, chosen, specs, levels, out, suite=suite, backend=backend, method_options=options,
-                  on_progress=on_progress)
+        try:
+            run_bench(lm, chosen, specs, levels, out, suite=suite, backend=backend, ray_address=ray_address,
+                      method_options=options, on_progress=on_progress)
+        except PersonaEditError as exc:
+            from personaedit.bench.ray_backend import CellsFailed
+
+            if not isinstance(exc, CellsFailed):
+                raise
+            lost = exc
     written = write_report(out)
     stdout.print(Markdown(written["markdown"].read_text(encoding="utf-8").split("\n\n")[0]))
     err.print(f"report -> {written['html']}, {written['markdown']}")
+    if backend == "ray":
+        from personaedit.bench.failures import FailureLog
+
+        with FailureLog(out / "results.sqlite") as log:
+            failures = log.rows()
+        if failures and lost is None:
+            err.print(f"{len({f['key'] for f in failures})} cell(s) failed on a Ray worker and finished when run again "
+                      "(each attempt is in results.sqlite, table failures)", markup=False)
+    if lost is not None:
+        err.print(f"error: {lost}", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()

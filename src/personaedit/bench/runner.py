@@ -1,28 +1,26 @@
 """Run a benchmark grid: measure the base model once, fit each (method, persona) once (saved under
 DIR/edits and reused), measure every strength, and store each cell as soon as it is finished; a re-run
-skips finished cells. Cells run here (local) or as Ray tasks on an existing cluster (ray)."""
+skips finished cells. Cells run here (local) or as Ray tasks on a cluster (ray: bench/ray_backend.py); both run
+a (method, persona)'s cells with bench/cell.py."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
+from personaedit.bench.cell import run_group
+from personaedit.bench.failures import FailureLog
 from personaedit.bench.grid import Cell, expand_grid
-from personaedit.bench.measure import (BenchSuite, base_measurement, bench_suite, judge_identity,
-                                       measure_condition, neutral_prompts, peak_memory, robust_base, towards)
+from personaedit.bench.measure import base_measurement, bench_suite, judge_identity, robust_base, towards
 from personaedit.bench.store import ResultStore, pin_conflict
-from personaedit.edits import load_edit
 from personaedit.errors import PersonaEditError
 from personaedit.faults import fault_point
 from personaedit.fileio import remove_stale_temporaries_in
-from personaedit.eval.metrics import next_token_logprobs
-from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
 Progress = Callable[[int, int, str], None]
-Stage = Callable[[str], None]
 BACKENDS = ("local", "ray")
 BASE = "base"
 
@@ -30,36 +28,6 @@ BASE = "base"
 def base_key(persona: str = "") -> str:
     """Key of the base model's row ("") and of its reference row for one persona."""
     return Cell(BASE, persona, 0.0).key
-
-
-def _fitted(lm: LoadedModel, cell: Cell, options: dict[str, Any], edits_dir: Path, on_stage: Stage):
-    """The edit for `cell` (saved by an earlier run, or fitted now and saved) and its fit cost."""
-    folder = edits_dir / cell.fit_key
-    if (folder / "edit.json").is_file():
-        return load_edit(folder), None
-    on_stage(f"fitting {cell.method} for {cell.persona}")
-    with peak_memory() as cost:
-        edit = fit_edit(cell.method, lm, cell.persona, **options)
-    edit.save(folder)
-    return edit, cost
-
-
-def run_group(lm: LoadedModel, judge: Any, suite: BenchSuite, cells: Sequence[Cell], base: dict[str, Any],
-              edits_dir: Path, options: dict[str, Any] | None = None,
-              on_stage: Stage = lambda _: None) -> Iterator[tuple[Cell, dict[str, Any]]]:
-    """Fit once (with the method's `options`), then measure each cell of one (method, persona); strength 0
-    is the base model for every edit kind (applying at 0 changes nothing), so it reuses the base measurement."""
-    edit, cost = _fitted(lm, cells[0], options or {}, edits_dir, on_stage)
-    persona = Persona.parse(cells[0].persona)
-    base_next = next_token_logprobs(lm, neutral_prompts(suite))
-    for cell in cells:
-        on_stage(f"{cell.method} · {cell.persona} · strength {cell.strength:g}")
-        if cell.strength == 0:
-            result = {**base, "towards": towards(persona, base["scores"]), "kl_to_base": 0.0, "from_base": True}
-        else:
-            with edit.apply(lm, cell.strength):
-                result = measure_condition(lm, judge, suite, persona, base_next)
-        yield cell, {**result, "fit": cost}  # fit None: the edit came from an earlier run
 
 
 def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
@@ -111,11 +79,17 @@ def run_bench(
     *,
     suite: str = "quick",
     backend: str = "local",
+    ray_address: str | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
     judge: Any = None,
     on_progress: Progress | None = None,
 ) -> Path:
     """Run every missing cell of the grid into DIR/results.sqlite; returns the store's path.
+
+    With `backend="ray"` the (method, persona) groups run as Ray tasks on the cluster at `ray_address` (else
+    RAY_ADDRESS's, else a local one); a failed task is recorded in the store's failures table and run again
+    (`ray_backend.ATTEMPTS` times in all), and `ray_backend.CellsFailed` names the cells that never finished,
+    raised once every other cell is stored.
 
     `method_options` maps a method to options for its fit (e.g. {"dpnle": {"pairs": 500}}); a folder
     remembers its model, suite and judge and each method's options, and refuses to resume with others
@@ -124,6 +98,8 @@ def run_bench(
 
     if backend not in BACKENDS:
         raise PersonaEditError(f"unknown backend {backend!r} (valid: {', '.join(BACKENDS)})")
+    if ray_address and backend != "ray":
+        raise PersonaEditError("a Ray address is for --backend ray")
     config = bench_suite(suite)
     method_options = _pinned_options(methods, method_options)
     out = Path(out)
@@ -160,9 +136,16 @@ def run_bench(
 
         todo = group_cells([c for c in cells if c.key not in done])
         if backend == "ray":
-            from personaedit.bench.ray_backend import run_groups_on_ray
+            from personaedit.bench.ray_backend import connect, run_groups_on_ray
 
-            measured = run_groups_on_ray(lm.spec, todo, suite, base, out / "edits", method_options)
+            def failed(keys: list[str], attempt: int, worker: str, error: str) -> None:
+                with FailureLog(out / RESULTS) as log:
+                    log.record(keys, attempt, worker, error)
+                report(count[0], total, f"attempt {attempt} at {keys[0]} failed on {worker}: {error}")
+
+            connect(ray_address)
+            measured = run_groups_on_ray(lm.spec, todo, suite, base, out / "edits", method_options, on_failure=failed,
+                                         on_stage=lambda label: report(count[0], total, label))
         else:
             measured = (item for group in todo for item in
                         run_group(lm, judge, config, group, base, out / "edits", method_options.get(group[0].method),
