@@ -10,13 +10,15 @@ import os
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from clirun import run_cli
 from personaedit.bench import ResultStore, parse_personas, run_bench
 from personaedit.bench.failures import FailureLog
-from personaedit.bench.ray_backend import ATTEMPTS, CellsFailed
+from personaedit.bench.ray_backend import ATTEMPTS, CellsFailed, connect
+from personaedit.errors import PersonaEditError
 from personaedit.models import load_model
 from test_loading import save_tiny
 from test_suite import FakeJudge
@@ -81,3 +83,13 @@ def test_a_ray_address_without_a_cluster_is_one_line_before_the_model_loads(tmp_
     code, _, err = run_cli([*args[:-2], "--ray-address", "127.0.0.1:6379"], capsys)
     assert code == 2 and err.strip() == "error: --ray-address is for --backend ray"
     assert not (tmp_path / "bench").exists()
+
+
+def test_a_process_connected_to_one_cluster_refuses_the_address_of_another(monkeypatch):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'personaedit[ray]')")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="10.0.0.2:6379"))
+    for address in (None, "auto", "127.0.0.1:6379", "ray://head:10001"):
+        connect(address)  # the connection in place is used
+    with pytest.raises(PersonaEditError, match="already connected to the Ray cluster at 10.0.0.2:6379, not 10.0.0.3:6380"):
+        connect("10.0.0.3:6380")

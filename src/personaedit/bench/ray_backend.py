@@ -60,9 +60,10 @@ def connect(address: str | None = None) -> None:
     connected (a caller's own `ray.init`) that connection is used; an `address` with another port is refused."""
     ray = _ray()
     if ray.is_initialized():
-        current = ray.get_runtime_context().gcs_address or ""
-        if address and address != "auto" and "://" not in address and address.rpartition(":")[2] != current.rpartition(":")[2]:
-            raise PersonaEditError(f"this process is already connected to the Ray cluster at {current}, not {address}")
+        if address and address != "auto" and "://" not in address:
+            current = ray.get_runtime_context().gcs_address or ""
+            if address.rpartition(":")[2] != current.rpartition(":")[2]:
+                raise PersonaEditError(f"this process is already connected to the Ray cluster at {current}, not {address}")
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target and target not in ("auto", "local"):
