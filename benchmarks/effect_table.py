@@ -88,6 +88,11 @@ def main() -> None:
             calibration = None
             if args.calibrated and method in CALIBRATED:
                 calibration = calibrate(lm, method, persona, judge, stage=lambda s: print(f"  [{method}] {s}", flush=True))
+                if calibration["chosen"] is None:  # nothing within budget: the cell says so and the run goes on
+                    record(args.out, {"model": args.model, "method": method, "persona": persona.spec(), "n": len(asked),
+                                      "effect": None, "calibration": None, "calibration_trials": calibration["trials"]})
+                    print(f"{method:8} {persona.spec():22} no setting within the calibration budget", flush=True)
+                    continue
                 edit = calibrated_edit(lm, method, persona, calibration)
             else:
                 edit = fit_edit(method, lm, persona, **fit_options(method, persona))
@@ -107,11 +112,15 @@ def main() -> None:
                 "calibration_trials": None if calibration is None else calibration["trials"],
                 "samples": [{"question": q, "base": b, "edited": r} for q, b, r in list(zip(asked, base_replies, replies))[:3]],
             }
-            with args.out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            record(args.out, row)
             print(f"{method:8} {persona.spec():22} {effect.describe()} {effect.verdict:22} "
                   f"coherent {row['coherent_share']:.0%} ppl× {row['perplexity_ratio']:.2f}", flush=True)
     print_table(args.out)
+
+
+def record(path: Path, row: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def print_calibrations(rows: list[dict]) -> None:
@@ -139,6 +148,9 @@ def print_table(path: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         e = r["effect"]
+        if e is None:
+            print(f"| {r['method']} | {r['persona']} | — | no setting within the calibration budget | | | |")
+            continue
         chosen = r.get("calibration")
         setting = "defaults" if chosen is None else \
             f"strength {chosen['strength']:g} {json.dumps(chosen['options']) if chosen['options'] else ''}".strip()

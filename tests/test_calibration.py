@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from personaedit import calibration
-from personaedit.calibration import Budget, calibrate, calibrated_edit, search_space, validation_questions
+from personaedit.calibration import Budget, calibrate, calibrated_edit, search_space, validation_questions, within_budget
 from personaedit.data import records
 from personaedit.errors import PersonaEditError
 from personaedit.methods import fit_edit
@@ -45,7 +45,7 @@ def test_calibration_picks_the_largest_effect_within_the_budget(lm, steer_option
 
 def test_nothing_within_budget_means_no_choice_and_no_edit(lm, steer_options):
     persona = Persona.parse("extraversion=high")
-    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(1.0, 1.01), **FAST)
+    result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(0.0, 1.01), **FAST)
     assert result["chosen"] is None and result["trials"]
     with pytest.raises(PersonaEditError, match="within the budget"):
         calibrated_edit(lm, "steer", persona, result)
@@ -78,9 +78,16 @@ def test_a_calibrated_edit_carries_its_choice_and_means_it_at_strength_one(lm, s
         torch.testing.assert_close(lm.model(ids).logits, calibrated_logits)
 
 
+def test_coherence_budget_gives_way_to_a_less_coherent_unedited_model():
+    budget = Budget(1.5, 0.9)
+    assert within_budget(0.5, 1.2, budget, base_coherent=0.45) and not within_budget(0.4, 1.2, budget, base_coherent=0.45)
+    assert not within_budget(0.85, 1.2, budget, base_coherent=1.0) and within_budget(0.9, 1.5, budget, base_coherent=1.0)
+    assert not within_budget(1.0, 1.6, budget, base_coherent=1.0) and not within_budget(1.0, float("nan"), budget, 1.0)
+
+
 def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_middle(lm):
     options, strengths = search_space("dpnle", lm)
-    assert {"layers": "1-2"} in options and strengths == [1.0, 2.0, 4.0, 8.0]
+    assert options == [{"layers": "0-1"}, {"layers": "1-2"}] and strengths == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     with pytest.raises(PersonaEditError, match="steer, npti, dpnle"):
         search_space("palette", lm)
 

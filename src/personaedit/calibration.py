@@ -52,11 +52,10 @@ def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], li
         return [{}], [0.5, 1.0, 1.5, 2.0, 3.0]
     if method == "npti":  # the reference sweeps its `val` over 0.6–1.5
         return [{}], [0.6, 1.0, 1.5, 2.0, 3.0]
-    if method == "dpnle":  # the reference's layers scaled to the depth, the middle half, and the upper third
-        n = lm.arch.num_layers
-        ranges = {f"{first}-{n - 1}" for first in (default_layers(n)[0], round(n * 2 / 3))}
-        ranges.add(f"{n // 4}-{round(n * 3 / 4) - 1}")
-        return [{"layers": r} for r in sorted(ranges)], [1.0, 2.0, 4.0, 8.0]
+    if method == "dpnle":  # the reference's layers scaled to the depth, and the middle half; γ well past the
+        n = lm.arch.num_layers  # reference's 1, since a small model's neurons move less text per unit
+        ranges = {f"{default_layers(n)[0]}-{n - 1}", f"{n // 4}-{max(n // 4, round(n * 3 / 4) - 1)}"}
+        return [{"layers": r} for r in sorted(ranges)], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     raise PersonaEditError(f"calibrate supports {', '.join(CALIBRATED)}; {method!r} has no layer or strength to "
                            "search")
 
@@ -78,13 +77,19 @@ class Trial:
     coherent_share: float
     perplexity_ratio: float
 
-    def within(self, budget: Budget) -> bool:
-        return (self.coherent_share >= budget.coherent_share
-                and not math.isnan(self.perplexity_ratio) and self.perplexity_ratio <= budget.perplexity_ratio)
+    def within(self, budget: Budget, base_coherent: float) -> bool:
+        return within_budget(self.coherent_share, self.perplexity_ratio, budget, base_coherent)
 
     def to_dict(self) -> dict[str, Any]:
         return {"options": self.options, "strength": self.strength, "effect": self.effect.to_dict(),
                 "coherent_share": self.coherent_share, "perplexity_ratio": self.perplexity_ratio}
+
+
+def within_budget(coherent_share: float, perplexity_ratio: float, budget: Budget, base_coherent: float) -> bool:
+    """Coherent at least as often as the budget asks, or as the unedited model is where that is less (a base
+    model's short replies often read as incoherent), and perplexity within the budget."""
+    return (coherent_share >= min(budget.coherent_share, base_coherent)
+            and not math.isnan(perplexity_ratio) and perplexity_ratio <= budget.perplexity_ratio)
 
 
 def geometric_mean(values: Sequence[float]) -> float:
@@ -92,9 +97,10 @@ def geometric_mean(values: Sequence[float]) -> float:
     return math.exp(sum(kept) / len(kept)) if kept else math.nan
 
 
-def _key(method: str, persona: Persona, budget: Budget, questions: list[str], max_new_tokens: int) -> str:
+def _key(method: str, persona: Persona, budget: Budget, questions: list[str], max_new_tokens: int,
+         space: tuple[list[dict[str, Any]], list[float]]) -> str:
     return hashlib.sha256(json.dumps([method, persona.spec(), dataclasses.asdict(budget), questions,
-                                      max_new_tokens]).encode()).hexdigest()[:16]
+                                      max_new_tokens, space]).encode()).hexdigest()[:16]
 
 
 def _cache_path(lm: LoadedModel, method: str, key: str) -> Any:
@@ -104,7 +110,8 @@ def _cache_path(lm: LoadedModel, method: str, key: str) -> Any:
 def stored(lm: LoadedModel, method: str, persona: Persona, *, budget: Budget = Budget(), questions: int = 36,
            max_new_tokens: int = 40) -> dict[str, Any] | None:
     """The calibration with these settings from the user cache or the package, without measuring anything."""
-    key = _key(method, persona, budget, validation_questions(persona, questions), max_new_tokens)
+    key = _key(method, persona, budget, validation_questions(persona, questions), max_new_tokens,
+               search_space(method, lm))
     path = _cache_path(lm, method, key)
     if path.is_file():
         return json.loads(path.read_text())
@@ -126,13 +133,14 @@ def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, bud
     (`chosen` is None when no setting stays within the budget)."""
     options_sets, strengths = search_space(method, lm)
     asked = validation_questions(persona, questions)
-    key = _key(method, persona, budget, asked, max_new_tokens)
+    key = _key(method, persona, budget, asked, max_new_tokens, (options_sets, strengths))
     if use_cache and (known := stored(lm, method, persona, budget=budget, questions=questions,
                                       max_new_tokens=max_new_tokens)) is not None:
         return known
     stage("unedited replies")
     base_replies = generate(lm, asked, max_new_tokens=max_new_tokens)
     base_towards = [persona.towards(s) for s in judge.score(base_replies)]
+    base_coherent = sum(map(is_coherent, base_replies)) / len(base_replies)
     base_perplexity = geometric_mean(reply_perplexities(lm, asked, base_replies))
     trials: list[Trial] = []
     for options in options_sets:
@@ -146,12 +154,12 @@ def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, bud
             ratio = geometric_mean(reply_perplexities(lm, asked, replies)) / base_perplexity
             trials.append(Trial(options, strength, paired_effect(base_towards, towards),
                                 sum(map(is_coherent, replies)) / len(replies), ratio))
-    admissible = [t for t in trials if t.within(budget)]
+    admissible = [t for t in trials if t.within(budget, base_coherent)]
     chosen = max(admissible, key=lambda t: t.effect.mean, default=None)
     result = {
         "method": method, "persona": persona.spec(), "model": lm.spec, "fingerprint": lm.fingerprint, "key": key,
         "budget": dataclasses.asdict(budget), "questions": len(asked), "split": "validation",
-        "max_new_tokens": max_new_tokens, "trials": [t.to_dict() for t in trials],
+        "max_new_tokens": max_new_tokens, "base_coherent_share": base_coherent, "trials": [t.to_dict() for t in trials],
         "chosen": None if chosen is None else chosen.to_dict(),
     }
     if use_cache:

@@ -82,6 +82,8 @@ def _calibration(lm: Any, method: str, persona: Any, **settings: Any) -> dict[st
 def _print_calibration(result: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from personaedit.calibration import Budget, within_budget
+
     table = Table(title=f"{result['method']} for {result['persona']} on {result['model']}: "
                         f"{result['questions']} validation questions")
     for column in ("options", "strength", "trait effect [95% CI]", "verdict", "coherent", "perplexity ×", "in budget"):
@@ -89,7 +91,8 @@ def _print_calibration(result: dict[str, Any]) -> None:
     budget = result["budget"]
     for trial in result["trials"]:
         effect = trial["effect"]
-        within = trial["coherent_share"] >= budget["coherent_share"] and trial["perplexity_ratio"] <= budget["perplexity_ratio"]
+        within = within_budget(trial["coherent_share"], trial["perplexity_ratio"], Budget(**budget),
+                               result["base_coherent_share"])
         table.add_row(json.dumps(trial["options"]) if trial["options"] else "defaults", f"{trial['strength']:g}",
                       f"{effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]", effect["verdict"],
                       f"{trial['coherent_share']:.0%}", f"{trial['perplexity_ratio']:.2f}", "yes" if within else "no")
