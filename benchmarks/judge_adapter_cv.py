@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from personaedit.data import records
-from personaedit.eval.judge_adapter import AdapterConfig, AdapterTrainer, examples
-from personaedit.eval.text_judge import (
-    DIMENSIONS, FEATURE_LAYERS, TRAITS, SentenceEncoder, Standardiser, balanced_weights, fit_head, fit_logistic,
-    first_pole, pole_accuracies, sigmoid, split_sets,
-)
+from personaedit.eval.judge_adapter import AdapterTrainer, examples
+from personaedit.models.encoders import AdapterConfig
+from personaedit.eval.judge_fit import fit_head, pole_accuracies, split_sets
+from personaedit.eval.judge_math import Standardiser, balanced_weights, fit_logistic, sigmoid
+from personaedit.eval.text_judge import DIMENSIONS, TRAITS, first_pole
+from personaedit.models.encoders import FEATURE_LAYERS, SentenceEncoder
 
 FOLDS = 11
 

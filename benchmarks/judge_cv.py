@@ -16,9 +16,9 @@ import argparse
 import numpy as np
 
 from personaedit.data import records
-from personaedit.eval.text_judge import (
-    ENCODERS, JUDGE_ENCODER, TRAITS, SentenceEncoder, Standardiser, balanced_weights, first_pole, fit_logistic, sigmoid,
-)
+from personaedit.eval.judge_math import Standardiser, balanced_weights, fit_logistic, sigmoid
+from personaedit.eval.text_judge import JUDGE_ENCODER, TRAITS, first_pole
+from personaedit.models.encoders import ENCODERS, SentenceEncoder
 
 FOLDS = 11
 FIRST_TRAIT_TEXTS = 248  # trait_texts rows before issue 3's additions

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from personaedit.data import records
-from personaedit.eval.text_judge import (
-    AXES, TRAITS, SentenceEncoder, Standardiser, balanced_weights, encode_sets, first_pole, fit_head, fit_logistic,
-    pole_accuracies, sigmoid, split_sets,
-)
+from personaedit.eval.judge_fit import encode_sets, fit_head, pole_accuracies, split_sets
+from personaedit.eval.judge_math import Standardiser, balanced_weights, fit_logistic, sigmoid
+from personaedit.eval.text_judge import AXES, TRAITS, first_pole
+from personaedit.models.encoders import SentenceEncoder
 
 FOLDS = 11
 

@@ -48,7 +48,7 @@ class CachedEncoder:
         missing = list(dict.fromkeys(t for t, p in zip(texts, names) if not p.is_file()))
         if missing:
             if self._encoder is None:
-                from personaedit.eval.text_judge import SentenceEncoder
+                from personaedit.models.encoders import SentenceEncoder
                 self._encoder = SentenceEncoder(encoder=self.key)
             print(f"encoding {len(missing)} texts", file=sys.stderr, flush=True)
             for text, row in zip(missing, self._encoder.features(missing, on_progress)):
@@ -118,7 +118,7 @@ def run_replies(path: Path) -> None:
 def run_degenerate(seed: int) -> None:
     from transformers import AutoTokenizer
 
-    from personaedit.eval.text_judge import mpnet_dir
+    from personaedit.models.encoders import mpnet_dir
     from personaedit.models.loading import converted_gguf_folder, default_model_gguf
 
     own = project_texts()

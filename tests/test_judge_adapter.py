@@ -9,21 +9,22 @@ import transformers as T
 from tiny import tiny_tokenizer
 
 from personaedit.errors import InputFileError
+from personaedit.eval import judge_fit as jf
 from personaedit.eval import text_judge as tj
-from personaedit.eval.judge_adapter import (
-    AdapterConfig, AdapterTrainer, Example, merge_adapter, pooled_features, save_adapter,
-)
+from personaedit.eval.judge_adapter import AdapterTrainer, Example, pooled_features, save_adapter
+from personaedit.models import encoders as enc
+from personaedit.models.encoders import AdapterConfig, merge_adapter
 
-LAYERS = tj.FEATURE_LAYERS
+LAYERS = enc.FEATURE_LAYERS
 WORDS = {1: ["kind", "warm", "gentle", "patient"], 0: ["cold", "harsh", "rude", "curt"]}
 
 
-def tiny_encoder(seed: int = 0) -> tj.SentenceEncoder:
+def tiny_encoder(seed: int = 0) -> enc.SentenceEncoder:
     """A SentenceEncoder around a tiny random BERT (6 layers, hidden 16) and the tests' tiny tokenizer."""
     torch.manual_seed(seed)
     config = T.BertConfig(vocab_size=len(tiny_tokenizer()), hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=64)
-    encoder = object.__new__(tj.SentenceEncoder)
+    encoder = object.__new__(enc.SentenceEncoder)
     encoder.model, encoder.tokenizer = T.BertModel(config).eval(), tiny_tokenizer()
     encoder.batch_size, encoder.max_length, encoder.device = 4, 32, "cpu"
     return encoder
@@ -51,7 +52,7 @@ def test_pooled_features_match_the_judge_features():
     batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         states = encoder.model(**batch, output_hidden_states=True).hidden_states
-        ours = pooled_features(states, batch["attention_mask"], tj.FEATURE_LAYERS).numpy()
+        ours = pooled_features(states, batch["attention_mask"], enc.FEATURE_LAYERS).numpy()
     assert ours.shape == (3, 6 * 2 * 16)  # six layers × (mean, max) × hidden
     np.testing.assert_allclose(ours, encoder.features(texts), atol=1e-6)
 
@@ -109,4 +110,4 @@ def test_a_head_whose_adapter_is_missing_or_foreign_is_an_input_error(tmp_path):
 def test_adapter_config_round_trips_through_json():
     cfg = AdapterConfig(rank=3, targets=("query",), lr=5e-4)
     assert AdapterConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
-    assert tj.adapter_path_for("/x/text_judge_head.safetensors").name == "text_judge_head.adapter.safetensors"
+    assert jf.adapter_path_for("/x/text_judge_head.safetensors").name == "text_judge_head.adapter.safetensors"

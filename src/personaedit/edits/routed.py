@@ -29,7 +29,7 @@ Encoder = Callable[[Sequence[str]], np.ndarray]  # texts -> unit-norm embeddings
 
 @functools.lru_cache(maxsize=1)
 def _minilm() -> Encoder:
-    from personaedit.eval.text_judge import SentenceEncoder
+    from personaedit.models.encoders import SentenceEncoder
 
     return SentenceEncoder().encode
 

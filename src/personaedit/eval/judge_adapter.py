@@ -12,51 +12,21 @@ shuffling and initialisation draw from seeded generators, dropout is off.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from personaedit.errors import InputFileError
 from personaedit.fileio import atomic_path
+from personaedit.models.encoders import AdapterConfig
+from personaedit.progress import Progress
 
-Progress = Callable[[int, int], None]
 ADAPTER_FORMAT = 1
 
 
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Hyper-parameters of the encoder adapter and its training (chosen on validation + grouped CV)."""
-
-    rank: int = 4
-    alpha: float = 8.0
-    targets: tuple[str, ...] = ("query", "value")
-    epochs: int = 4
-    lr: float = 1e-3
-    head_lr: float = 3e-3
-    head_l2: float = 1e-2
-    batch_size: int = 16
-    max_length: int = 64
-    seed: int = 0
-
-    def lora(self) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0,
-                          bias="none")
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "targets": list(self.targets)}
-
-    @classmethod
-    def from_json(cls, meta: Mapping[str, Any]) -> "AdapterConfig":
-        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta}
-        return cls(**{**known, "targets": tuple(known.get("targets", cls.targets))})
-
-
 def pooled_features(hidden_states: Sequence[Any], attention_mask: Any, layers: Sequence[int]) -> Any:
-    """Judge features of a batch as a torch tensor [b, 2·len(layers)·h] (differentiable): see text_judge.FEATURES."""
+    """Judge features of a batch as a torch tensor [b, 2·len(layers)·h] (differentiable): see models/encoders.FEATURES."""
     import torch
 
     mask = attention_mask[:, :, None].to(hidden_states[0].dtype)
@@ -78,23 +48,6 @@ def save_adapter(model: Any, path: str | Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in sorted(get_peft_model_state_dict(model).items())}
     with atomic_path(Path(path)) as tmp:
         save_file(state, str(tmp), metadata={"format": str(ADAPTER_FORMAT)})
-
-
-def merge_adapter(model: Any, path: str | Path, config: AdapterConfig) -> Any:
-    """The encoder with the adapter at `path` merged into its weights (same speed as the plain encoder)."""
-    from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise InputFileError(f"cannot read text-judge adapter {path}: {exc}") from None
-    wrapped = get_peft_model(model, config.lora())
-    result = set_peft_model_state_dict(wrapped, state)
-    if getattr(result, "unexpected_keys", None):
-        raise InputFileError(f"{path} does not fit the judge's encoder (unexpected {result.unexpected_keys[:2]})")
-    return wrapped.merge_and_unload().eval()
 
 
 @dataclass

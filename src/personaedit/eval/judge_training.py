@@ -29,25 +29,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.optimize
 
 from personaedit.data import records
-from personaedit.persona import BIG_FIVE, MBTI
+from personaedit.eval.judge_math import balanced_weights, softmax, three_way
+from personaedit.eval.text_judge import AXES, DIMENSIONS, TRAITS, JudgeHead, first_pole
+from personaedit.progress import Progress
 
-TRAITS: tuple[str, ...] = tuple(BIG_FIVE)
-AXES: tuple[str, ...] = tuple(MBTI)
-DIMENSIONS: tuple[str, ...] = TRAITS + AXES
 FORMS: tuple[str, ...] = ("softmax3", "gated")
 C_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HIGH, LOW, NONE = 0, 1, 2
 COUNTERPART = {"extraversion": "ei", "openness": "sn", "agreeableness": "tf", "conscientiousness": "jp"}
 COUNTERPART.update({axis: trait for trait, axis in list(COUNTERPART.items())})
 ECE_BINS = 10
-
-Progress = Callable[[int, int], None]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -66,10 +63,6 @@ class TextSet:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def first_pole(dimension: str) -> str:
-    return BIG_FIVE[dimension].high.name if dimension in BIG_FIVE else MBTI[dimension].high.name
 
 
 def _rows(rows: Sequence[Mapping[str, Any]], key: str) -> TextSet:
@@ -108,43 +101,7 @@ def labels(dim: str, data: TextSet) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows, dtype=int), np.array(ys, dtype=int)
 
 
-def balanced_weights(y: np.ndarray, n_classes: int = 3) -> np.ndarray:
-    """Per-row weights that give every present class the same total weight; mean weight 1."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    present = int((counts > 0).sum())
-    return len(y) / (present * np.maximum(counts, 1.0))[y]
-
-
 # ---------------------------------------------------------------------------------------- probabilities
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z)))
-
-
-def three_way(form: str, pole: np.ndarray, gate: np.ndarray | None) -> np.ndarray:
-    """[..., 3] probabilities (high, low, none) from the two logits a head stores.
-
-    pole: log p(high)/p(low) in every form. gate: softmax3 — log p(low)/p(none); gated — log p(expressed)/
-    p(none); 'pole' (heads before issue 13) has no gate and never says "none".
-    """
-    pole = np.asarray(pole, dtype=np.float64)
-    if form == "pole":
-        p = sigmoid(pole)
-        return np.stack([p, 1.0 - p, np.zeros_like(p)], -1)
-    gate = np.asarray(gate, dtype=np.float64)
-    if form == "softmax3":
-        return softmax(np.stack([pole + gate, gate, np.zeros_like(pole)], -1))
-    if form == "gated":
-        expressed, high = sigmoid(gate), sigmoid(pole)
-        return np.stack([expressed * high, expressed * (1.0 - high), 1.0 - expressed], -1)
-    raise ValueError(f"unknown judge head form {form!r}")
 
 
 # -------------------------------------------------------------------------------------------- fitting
@@ -273,8 +230,6 @@ def fit_specific_head(
     grid: Sequence[float] = C_GRID, on_progress: Progress | None = None,
 ):
     """A trait-specific JudgeHead of `form` (see the module docstring) from features and text sets."""
-    from personaedit.eval.text_judge import JudgeHead
-
     space = RowSpace.fit(train[0])
     fitted = {}
     for i, dim in enumerate(DIMENSIONS):
