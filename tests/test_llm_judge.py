@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from personaedit.errors import PersonaEditError
-from personaedit.eval.llm_judge import (
-    API_KEY_ENV, BASE_URL_ENV, MODEL_ENV, LLMJudge, parse_preference, parse_rating, parse_share,
-)
+from personaedit.eval.llm_client import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
+from personaedit.eval.llm_judge import LLMJudge
+from personaedit.eval.llm_prompts import parse_preference, parse_rating, parse_share
 
 MAX_REQUESTS = 64
 
@@ -308,6 +308,6 @@ def test_parallel_requests_keep_order_and_report_progress(server, tmp_path):
     ("https://judge.example.org/v1", False), ("http://judge.example.org/v1", True), ("http://10.0.0.5:8000/v1", True),
 ])
 def test_plain_http_to_another_machine_is_flagged(url, warned):
-    from personaedit.eval.llm_judge import plain_http_off_machine
+    from personaedit.eval.llm_client import plain_http_off_machine
 
     assert plain_http_off_machine(url) is warned

@@ -665,7 +665,8 @@ def evaluate(
         check_output_path(html_path, what="--html")
     judge_client = None
     if llm_judge is not None:
-        from personaedit.eval.llm_judge import LLMJudge, plain_http_off_machine
+        from personaedit.eval.llm_client import plain_http_off_machine
+        from personaedit.eval.llm_judge import LLMJudge
 
         judge_client = LLMJudge(base_url=llm_judge, model=llm_judge_model)
         if plain_http_off_machine(llm_judge):
