@@ -6,8 +6,9 @@ from personaedit.data import records
 from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import PersonaEditError
 from personaedit.methods import all_methods, fit_edit
-from personaedit.methods import locate, second_moment
-from personaedit.methods.locate import Request, ValueOptions, efficacy, read_in_contexts
+from personaedit.methods import locate, rank_one, second_moment, value
+from personaedit.methods.locate import Request, efficacy, tokenise_request
+from personaedit.methods.value import ValueOptions
 from personaedit.methods.palette import persona_requests
 from personaedit.persona import Persona
 from test_loading import save_tiny
@@ -36,7 +37,7 @@ def test_request_locates_the_subject_and_rejects_a_prompt_without_it():
 
 def test_contexts_split_at_the_subject_and_share_the_rest(lm):
     request = Request.of(PROMPT, SUBJECT, TARGET)
-    contexts = read_in_contexts(lm, request, ["The cat sat", "You know"], token="last")
+    contexts = tokenise_request(lm, request, ["The cat sat", "You know"], token="last")
     tokenizer = lm.tokenizer
     assert len(contexts.before) == 3
     for before, prefix in zip(contexts.before, ["", "The cat sat. ", "You know. "]):
@@ -44,9 +45,9 @@ def test_contexts_split_at_the_subject_and_share_the_rest(lm):
     subject_ids = tokenizer(" " + SUBJECT, add_special_tokens=False)["input_ids"]
     assert contexts.after[:len(subject_ids)] == subject_ids
     assert contexts.subject_index == len(subject_ids) - 1
-    assert read_in_contexts(lm, request, [], token="first").subject_index == 0
+    assert tokenise_request(lm, request, [], token="first").subject_index == 0
     with pytest.raises(PersonaEditError, match="'first' or 'last'"):
-        read_in_contexts(lm, request, [], token="middle")
+        tokenise_request(lm, request, [], token="middle")
 
 
 def test_random_prefixes_are_model_written_and_seeded(lm):
@@ -81,9 +82,9 @@ def test_rome_update_maps_the_averaged_key_to_its_value(lm):
     request = Request.of(PROMPT, SUBJECT, TARGET)
     prefixes = locate.random_prefixes(lm, 3, 4)
     options = ValueOptions(steps=5, lr=0.05, kl_factor=0.0, clamp=1e4)
-    update = locate.edit_request(lm, request, 1, prefixes, options)
-    contexts = read_in_contexts(lm, request, prefixes)
-    key, output = locate.keys_and_outputs(lm, contexts, 1, ("mlp_out", 1))
+    update = rank_one.edit_request(lm, request, 1, prefixes, options)
+    contexts = tokenise_request(lm, request, prefixes)
+    key, output = value.keys_and_outputs(lm, contexts, 1, ("mlp_out", 1))
     delta_w = update.u[:, None] @ update.v[None, :]
     moved = delta_w @ key
     assert torch.allclose(moved.norm(), torch.tensor(update.info["delta_norm"]), rtol=1e-4)

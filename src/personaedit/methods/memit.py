@@ -2,7 +2,7 @@
 
 For each request a target residual z (at the subject token, after the last layer of the range) is
 optimised once; then for each layer l of the range, bottom up, on the model as the lower layers left it:
-K = keys at l (one column per request, averaged over the prefixed contexts), R = (z − current residual)
+K = keys at l (one column per request, averaged over the prefixed prompts), R = (z − current residual)
 / (layers left), ΔW_l = R Kᵀ (λ·C + K Kᵀ)⁻¹ with C = E[k kᵀ] of `down_proj` inputs over a neutral corpus
 (cached, see second_moment.py), solved in float64 and kept as rank-n factors (u = R, v = (λC + KKᵀ)⁻¹K).
 
@@ -20,8 +20,9 @@ import torch
 from personaedit.edits import BaseModelInfo, Delta, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.methods.contrast import parse_layers
-from personaedit.methods.locate import (ValueOptions, as_delta, default_layer, keys_and_outputs, optimise_delta,
-                                        random_prefixes, read_in_contexts)
+from personaedit.methods.locate import default_layer, random_prefixes, tokenise_request
+from personaedit.methods.rank_one import as_delta
+from personaedit.methods.value import ValueOptions, keys_and_outputs, optimise_delta
 from personaedit.methods.palette import persona_requests
 from personaedit.methods.second_moment import second_moments
 from personaedit.models import LoadedModel
@@ -59,15 +60,15 @@ def fit(
     chosen = parse_layers(layers, lm.arch.num_layers, default_layers(lm.arch.num_layers))
     top = chosen[-1]
     requests = persona_requests(persona, queries)
-    texts = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
+    prefixes = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     total = len(requests) + len(chosen)
     moments = second_moments(lm, chosen, samples)
 
-    contexts, targets = [], []
+    tokenised, targets = [], []
     for done, (request, scale, _) in enumerate(requests):
-        ctx = read_in_contexts(lm, request, texts, value.subject_token)
-        optimised = optimise_delta(lm, request, ctx, ("residual", top), value)
-        contexts.append(ctx)
+        tokens = tokenise_request(lm, request, prefixes, value.subject_token)
+        optimised = optimise_delta(lm, request, tokens, ("residual", top), value)
+        tokenised.append(tokens)
         targets.append(optimised.reference + optimised.delta * scale)
         if on_progress:
             on_progress(done + 1, total)
@@ -76,7 +77,7 @@ def fit(
     deltas: dict[str, Delta] = {}
     with contextlib.ExitStack() as applied:
         for index, layer in enumerate(chosen):
-            read = [keys_and_outputs(lm, ctx, layer, ("residual", top)) for ctx in contexts]
+            read = [keys_and_outputs(lm, tokens, layer, ("residual", top)) for tokens in tokenised]
             keys = torch.stack([k for k, _ in read], dim=1).double()  # [mlp, n]
             current = torch.stack([r for _, r in read], dim=1).double()
             residual = (z - current) / (len(chosen) - index)

@@ -28,8 +28,9 @@ import torch
 from personaedit.data import records
 from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
-from personaedit.methods.locate import (Request, ValueOptions, as_delta, check_layer, edit_request,
-                                        random_prefixes)
+from personaedit.methods.locate import Request, check_layer, random_prefixes
+from personaedit.methods.rank_one import as_delta, edit_request
+from personaedit.methods.value import ValueOptions
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
@@ -72,7 +73,7 @@ def fit(
     """
     requests = persona_requests(persona, queries)
     chosen = check_layer(lm, layer)
-    contexts = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
+    prefixes = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     param = lm.arch.mlp_out_param(chosen)
     us, vs, keys, fitted = [], [], [], {}
 
@@ -82,7 +83,7 @@ def fit(
     for done, (request, scale, query_id) in enumerate(requests):
         keep = torch.stack(keys, 1) if protect and keys else None
         with so_far().apply(lm) if us else contextlib.nullcontext():
-            update = edit_request(lm, request, chosen, contexts, value, keep=keep)
+            update = edit_request(lm, request, chosen, prefixes, value, keep=keep)
         us.append(update.u * scale)
         vs.append(update.v)
         keys.append(update.key)

@@ -12,7 +12,9 @@ from typing import Callable
 
 from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
-from personaedit.methods.locate import Request, ValueOptions, as_delta, check_layer, edit_request, random_prefixes
+from personaedit.methods.locate import Request, check_layer, random_prefixes
+from personaedit.methods.rank_one import as_delta, edit_request
+from personaedit.methods.value import ValueOptions
 from personaedit.methods.second_moment import regularised_inverse, second_moments
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
@@ -50,8 +52,8 @@ def fit(
     inverse = None
     if covariance:
         inverse = regularised_inverse(second_moments(lm, [chosen], samples)[chosen])
-    contexts = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
-    update = edit_request(lm, request, chosen, contexts, value, inverse_moment=inverse)
+    prefixes = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
+    update = edit_request(lm, request, chosen, prefixes, value, inverse_moment=inverse)
     if on_progress:
         on_progress(1, 1)
     # What the fit resolved; fit_edit records every option beside it.
