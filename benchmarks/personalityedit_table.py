@@ -29,7 +29,7 @@ from personaedit.data.external import PERSONALITYEDIT_TRAITS
 from personaedit.eval.metrics import accuracy, coherent_pairs, first_line, measure_dd, measure_es, tpei
 from personaedit.eval.text_judge import TRAITS, TextJudge
 from personaedit.methods import fit_edit
-from personaedit.methods.mend_editor import EDIT_QUESTION, PARAPHRASES
+from personaedit.data.external import EDIT_QUESTION, PARAPHRASES
 from personaedit.models import generate, load_model
 
 METHODS = ("prompt", "ike", "mend", "serac")

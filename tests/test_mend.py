@@ -12,11 +12,10 @@ from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import PersonaEditError
 from personaedit.eval.metrics import mean_answer_logprob
 from personaedit.methods import mend
-from personaedit.methods.mend_editor import (
-    EDIT_QUESTION, MendEditor, TrainConfig, edit_examples, gradient_factors, load_editor, train_editor,
-    update_factors,
-)
-from personaedit.methods.mend_editor import _answer_logprobs, _nll, _sequence
+from personaedit.data.external import EDIT_QUESTION
+from personaedit.methods.mend_editor import MendEditor, TrainConfig, gradient_factors, load_editor, update_factors
+from personaedit.methods.mend_training import edit_examples, train_editor
+from personaedit.methods.mend_editor import answer_logprobs_at, answer_nll, answer_sequence
 from personaedit.models.hooks import hook_site
 from personaedit.persona import Persona
 from tiny import tiny_lm
@@ -37,7 +36,7 @@ def test_gradient_factors_are_the_weight_gradient_at_answer_tokens(family):
     pair = (EDIT_QUESTION.format("coffee"), "I love coffee with friends.")
     layers = [1, 2]
     factors = gradient_factors(lm, layers, [pair])
-    seq, where = _sequence(lm, *pair)
+    seq, where = answer_sequence(lm, *pair)
     mask = torch.zeros(1, seq.shape[1], 1)
     mask[0, where] = 1
 
@@ -47,7 +46,7 @@ def test_gradient_factors_are_the_weight_gradient_at_answer_tokens(family):
     for l in layers:  # one layer at a time: masking another layer would cut paths through it
         handle = hook_site(lm.arch, "mlp_out", l, answer_only)
         try:
-            loss = _nll(_answer_logprobs(lm, seq, where), seq, where)
+            loss = answer_nll(answer_logprobs_at(lm, seq, where), seq, where)
             (grad,) = torch.autograd.grad(loss, [lm.arch.mlp_out(l).weight])
         finally:
             handle.remove()

@@ -620,7 +620,8 @@ def mend_train(
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Train (or resume) the MEND editor on the training split; checkpoints every 50 steps."""
-    from personaedit.methods.mend_editor import TrainConfig, train_editor
+    from personaedit.methods.mend_editor import TrainConfig
+    from personaedit.methods.mend_training import train_editor
 
     check_device(device)
     if out is not None:

@@ -4,7 +4,7 @@ the target pole (the given text, the project's opinion when it has one, else the
 persona prompt). One forward/backward gives the gradient's rank-one factors at the last MLP layers, one
 editor pass transforms them, and the result is a WeightEdit kept as low-rank factors (rank = answer tokens).
 
-The editor is trained once per model (`personaedit mend train`, see mend_editor.py) and reused.
+The editor is trained once per model (`personaedit mend train`, see mend_training.py) and reused.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Callable
 from personaedit.data import records
 from personaedit.edits import BaseModelInfo, Delta, WeightEdit
 from personaedit.errors import PersonaEditError, PersonaSpecError
-from personaedit.methods.mend_editor import (
-    EDIT_QUESTION, TrainConfig, default_editor_dir, gradient_factors, has_editor, load_editor, train_editor,
-    update_factors,
-)
+from personaedit.data.external import EDIT_QUESTION
+from personaedit.methods.mend_editor import (TrainConfig, default_editor_dir, gradient_factors, has_editor, load_editor,
+                                             update_factors)
+from personaedit.methods.mend_training import train_editor
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Dimension, Persona
 

@@ -1,4 +1,5 @@
-"""MEND's editor network and its trainer (Mitchell et al., "Fast Model Editing at Scale", 2022).
+"""MEND's editor network (Mitchell et al., "Fast Model Editing at Scale", 2022): its layers, saving and
+loading, the gradient factors of an edit example, and the update the editor makes of them.
 
 For an edited `down_proj`-equivalent W_l (out × in) the fine-tuning gradient of an edit example is a sum of
 rank-one terms, ∇W_l = Σ_t δ_t u_tᵀ: u_t is W_l's input at answer token t, δ_t the loss gradient w.r.t. its
@@ -6,28 +7,21 @@ output. A small MLP per layer maps each (u_t, δ_t) to (ũ_t, δ̃_t); the updat
 with a learned step η_l. The MLP is residual (in normalised coordinates) with a zero-initialised output
 layer, so an untrained editor is one step of gradient descent.
 
-Training on edit examples (topic, trait pole, opinion text): the edit loss is the NLL of the opinion after
-the update, asked with the edit question and with a paraphrased one; the locality loss is KL(base ‖ edited)
-over the answer tokens of an opinion on another topic. The model itself is never changed: during training
-the update acts through hooks (ΔW x added to the layer's output) so it stays differentiable in the editor.
+Training the editor: mend_training.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from personaedit.data import records
-from personaedit.data.external import EDIT_QUESTION, PARAPHRASES  # noqa: F401 (serac and benchmarks import them here)
 from personaedit.errors import EditError, InputFileError, PersonaEditError
 from personaedit.eval.metrics import prompt_ids
 from personaedit.fileio import atomic_dir, give_usual_mode
@@ -37,20 +31,8 @@ from personaedit.models.loading import LoadedModel, cache_dir
 
 EDITOR_FORMAT = "personaedit-mend-editor"
 EDITOR_FILE, EDITOR_JSON = "editor.safetensors", "editor.json"
-CHECKPOINT = "checkpoint"
 
-Progress = Callable[[int, int], None]
 Factors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (u [T, in], δ [T, out])
-
-
-@dataclass(frozen=True)
-class EditExample:
-    """An edit: the opinion `text` with `pole` of `trait` on `topic`."""
-
-    topic: str
-    trait: str
-    pole: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -69,19 +51,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
-
-def edit_examples(split: str = "train", data: str | Path | None = None) -> list[EditExample]:
-    """Edit examples from the project's opinions (`split`), or from a PersonalityEdit file when `data` is given."""
-    if data is not None:
-        from personaedit.data.external import load_personality_edit, to_opinion_rows
-
-        rows = to_opinion_rows(load_personality_edit(data))
-    else:
-        rows = records("opinions", split)
-    examples = [EditExample(r["topic"], r["trait"], r["pole"], r["text"]) for r in rows if r.get("text")]
-    if len({e.topic for e in examples}) < 2:
-        raise InputFileError("MEND training needs opinions on at least two topics (one is edited, another checks locality)")
-    return examples
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -148,7 +117,7 @@ class MendEditor(nn.Module):
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
-            _write(tmp, self, None, {**(extra or {})})
+            write_editor(tmp, self, None, {**(extra or {})})
         return directory
 
     @classmethod
@@ -157,7 +126,7 @@ class MendEditor(nn.Module):
         return cls(meta["layers"], n_in, n_out, TrainConfig(**meta["config"]), meta["fingerprint"])
 
 
-def _write(folder: Path, editor: MendEditor, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> None:
+def write_editor(folder: Path, editor: MendEditor, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> None:
     tensors = {f"editor.{k}": v.detach().cpu().contiguous() for k, v in editor.state_dict().items()}
     meta = {**editor.meta(), **extra}
     if optimizer is not None:
@@ -171,7 +140,7 @@ def _write(folder: Path, editor: MendEditor, optimizer: torch.optim.Optimizer | 
     (folder / EDITOR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_editor(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         meta = json.loads((folder / EDITOR_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / EDITOR_FILE))
@@ -184,7 +153,7 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def load_editor(directory: str | Path, lm: LoadedModel | None = None) -> MendEditor:
     """An editor saved by `train_editor` (refused for a model with another fingerprint)."""
-    meta, tensors = _read(Path(directory))
+    meta, tensors = read_editor(Path(directory))
     editor = MendEditor.from_meta(meta)
     editor.load_state_dict({k.removeprefix("editor."): v for k, v in tensors.items() if k.startswith("editor.")})
     if lm is not None:
@@ -204,7 +173,7 @@ def has_editor(directory: str | Path) -> bool:
 
 # --------------------------------------------------------------------------------------------- forward passes
 
-def _sequence(lm: LoadedModel, question: str, answer: str) -> tuple[torch.Tensor, slice]:
+def answer_sequence(lm: LoadedModel, question: str, answer: str) -> tuple[torch.Tensor, slice]:
     """Token ids [1, n] of the chat-rendered question + answer, and the positions whose logits predict the answer."""
     prompt = prompt_ids(lm, question)
     reply = list(lm.tokenizer(answer, add_special_tokens=False)["input_ids"])
@@ -214,12 +183,12 @@ def _sequence(lm: LoadedModel, question: str, answer: str) -> tuple[torch.Tensor
     return ids, slice(len(prompt) - 1, len(prompt) + len(reply) - 1)
 
 
-def _answer_logprobs(lm: LoadedModel, ids: torch.Tensor, where: slice) -> torch.Tensor:
+def answer_logprobs_at(lm: LoadedModel, ids: torch.Tensor, where: slice) -> torch.Tensor:
     """Log-distributions [n_answer, vocab] at the answer positions."""
     return lm.model(input_ids=ids).logits[0, where].float().log_softmax(-1)
 
 
-def _nll(logprobs: torch.Tensor, ids: torch.Tensor, where: slice) -> torch.Tensor:
+def answer_nll(logprobs: torch.Tensor, ids: torch.Tensor, where: slice) -> torch.Tensor:
     targets = ids[0, where.start + 1: where.stop + 1]
     return -logprobs.gather(1, targets[:, None]).mean()
 
@@ -273,9 +242,9 @@ def gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequence[tup
         for question, answer in pairs:
             inputs: dict[int, torch.Tensor] = {}
             probes: dict[int, torch.Tensor] = {}
-            ids, where = _sequence(lm, question, answer)
+            ids, where = answer_sequence(lm, question, answer)
             with _probed(lm, layers, inputs, probes):
-                loss = _nll(_answer_logprobs(lm, ids, where), ids, where) / len(pairs)
+                loss = answer_nll(answer_logprobs_at(lm, ids, where), ids, where) / len(pairs)
             grads = torch.autograd.grad(loss, [probes[l] for l in layers])
             for l, grad in zip(layers, grads):
                 collected[l].append((inputs[l][0, where].float(), grad[0, where].float()))
@@ -290,122 +259,4 @@ def update_factors(editor: MendEditor, factors: Factors) -> Factors:
 
 # --------------------------------------------------------------------------------------------- training
 
-def _calibrate(lm: LoadedModel, editor: MendEditor, examples: Sequence[EditExample]) -> None:
-    """Input statistics for each layer's normalisation, and initial step sizes giving ‖ΔW‖ ≈ init_step·‖W‖."""
-    config = editor.config
-    chosen = random.Random(f"{config.seed}-calibration").sample(list(examples), min(config.calibration, len(examples)))
-    per_edit = [gradient_factors(lm, editor.layers, [(EDIT_QUESTION.format(e.topic), e.text)]) for e in chosen]
-    with torch.no_grad():
-        for l in editor.layers:
-            z = torch.cat([torch.cat([f[l][0], f[l][1]], -1) for f in per_edit])
-            layer = editor.editors[str(l)]
-            layer.mean.copy_(z.mean(0))
-            layer.std.copy_(z.std(0).clamp(min=1e-8) if z.shape[0] > 1 else torch.ones_like(layer.std))
-            weight_norm = float(lm.arch.mlp_out_weight(l).float().norm())
-            grad_norms = [float((f[l][1].T @ f[l][0]).norm()) for f in per_edit]
-            mean_grad = max(sum(grad_norms) / len(grad_norms), 1e-12)
-            layer.log_step.fill_(float(torch.tensor(config.init_step * weight_norm / mean_grad).log()))
 
-
-def _step_examples(examples: Sequence[EditExample], seed: int, step: int) -> tuple[EditExample, str, EditExample]:
-    """The edit, its paraphrased question and a locality example on another topic; a function of (seed, step)
-    alone, so a resumed run sees the same sequence."""
-    rng = random.Random(f"{seed}-step-{step}")
-    edit = rng.choice(examples)
-    paraphrase = rng.choice(PARAPHRASES).format(edit.topic)
-    other = rng.choice([e for e in examples if e.topic != edit.topic])
-    return edit, paraphrase, other
-
-
-def editor_loss(lm: LoadedModel, editor: MendEditor, edit: EditExample, paraphrase: str,
-                other: EditExample) -> tuple[torch.Tensor, dict[str, float]]:
-    """Edit NLL (edit question and paraphrase) + locality · KL(base ‖ edited) on another topic's opinion."""
-    factors = gradient_factors(lm, editor.layers, [(EDIT_QUESTION.format(edit.topic), edit.text)])
-    with frozen(lm.model):
-        loc_ids, loc_where = _sequence(lm, EDIT_QUESTION.format(other.topic), other.text)
-        with torch.no_grad():
-            base = _answer_logprobs(lm, loc_ids, loc_where)
-        update = editor(factors)
-        with updated(lm, update):
-            nll = torch.stack([_nll(_answer_logprobs(lm, ids, where), ids, where)
-                               for ids, where in (_sequence(lm, EDIT_QUESTION.format(edit.topic), edit.text),
-                                                  _sequence(lm, paraphrase, edit.text))]).mean()
-            edited = _answer_logprobs(lm, loc_ids, loc_where)
-        kl = (base.exp() * (base - edited)).sum(-1).mean()
-    loss = nll + editor.config.locality * kl
-    return loss, {"edit_nll": float(nll.detach()), "locality_kl": float(kl.detach())}
-
-
-def _save_checkpoint(directory: Path, editor: MendEditor, optimizer: torch.optim.Optimizer, step: int,
-                     history: list[dict[str, float]]) -> None:
-    with atomic_dir(directory / CHECKPOINT) as tmp:
-        _write(tmp, editor, optimizer, {"step": step, "history": history})
-
-
-def _load_checkpoint(directory: Path, editor: MendEditor, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
-    meta, tensors = _read(directory / CHECKPOINT)
-    def settings(c: dict[str, Any]) -> dict[str, Any]:  # more steps or another checkpoint interval may resume
-        return {k: v for k, v in c.items() if k not in ("steps", "checkpoint_every")}
-
-    if settings(meta["config"]) != settings(asdict(editor.config)) or meta["fingerprint"] != editor.fingerprint:
-        raise InputFileError(f"the checkpoint in {directory} was made with other settings or another model; "
-                             "remove it or train into another folder")
-    editor.load_state_dict({k.removeprefix("editor."): v for k, v in tensors.items() if k.startswith("editor.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("adam."):
-            _, index, slot = key.split(".", 2)
-            state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"]), list(meta.get("history", []))
-
-
-def train_editor(
-    lm: LoadedModel,
-    out: str | Path | None = None,
-    config: TrainConfig = TrainConfig(),
-    *,
-    data: str | Path | None = None,
-    resume: bool = True,
-    on_progress: Progress | None = None,
-) -> tuple[MendEditor, dict[str, Any]]:
-    """Train (or resume training) the editor for `lm` on the training split's edit examples (or a
-    PersonalityEdit file); save it in `out` (default: the cache folder for this model). Returns the
-    editor and a summary (steps, seconds, losses at the start and the end)."""
-    out = Path(out) if out is not None else default_editor_dir(lm)
-    examples = edit_examples("train", data)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        editor = MendEditor.for_model(lm, config).to(lm.device)
-    optimizer = torch.optim.Adam(editor.parameters(), lr=config.lr)
-    start, history = 0, []
-    if resume and (out / CHECKPOINT / EDITOR_JSON).is_file():
-        start, history = _load_checkpoint(out, editor, optimizer)
-    else:
-        _calibrate(lm, editor, examples)
-    began = time.perf_counter()
-    editor.train()
-    for step in range(start, config.steps):
-        loss, parts = editor_loss(lm, editor, *_step_examples(examples, config.seed, step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append({"step": step, **parts})
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(out, editor, optimizer, step + 1, history)
-        if on_progress:
-            on_progress(step + 1, config.steps)
-    editor.eval()
-    window = max(1, min(25, len(history) // 4))
-    summary = {
-        "steps": config.steps, "resumed_from": start, "seconds": round(time.perf_counter() - began, 1),
-        "examples": len(examples), "layers": editor.layers, "step_sizes": editor.step_sizes(),
-        "first": _mean(history[:window]), "last": _mean(history[-window:]),
-    }
-    editor.save(out, {"summary": summary, "history": history})
-    return editor, summary
-
-
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = ("edit_nll", "locality_kl")
-    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys} if rows else {}

@@ -16,7 +16,7 @@ from personaedit.data import records
 from personaedit.edits import RoutedEdit
 from personaedit.edits.routed import scope_encoder
 from personaedit.errors import PersonaEditError
-from personaedit.methods.mend_editor import EDIT_QUESTION, PARAPHRASES
+from personaedit.data.external import EDIT_QUESTION, PARAPHRASES
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 
