@@ -124,10 +124,17 @@ def test_scores_are_two_p_minus_one_and_trait_probabilities_sum_to_one():
 
 
 def test_score_range_on_extreme_features():
+    """Far from the training data the scores saturate at the sign of the pole logit, without overflow."""
     head = fit_head(synthetic_sets(0, 40), synthetic_sets(1, 10), grid=(1e-3,))
     feats = np.random.default_rng(3).normal(scale=100.0, size=(50, 24))
-    for row in tj.scores_from_features(head, feats):
+    rows = tj.scores_from_features(head, feats)
+    for row in rows:
         assert all(-1.0 <= v <= 1.0 for v in row.values())
+    scores = np.array([[row[d] for d in DIMENSIONS] for row in rows])
+    logits = feats @ head.pole_weight.T + head.pole_bias
+    confident = np.abs(logits) > 40
+    assert np.isfinite(scores).all() and confident.mean() > 0.5
+    np.testing.assert_allclose(scores[confident], np.sign(logits[confident]), atol=1e-9)
 
 
 def test_head_save_load_round_trip(tmp_path):

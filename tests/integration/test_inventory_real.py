@@ -55,6 +55,7 @@ def test_persona_prompt_reaches_the_inventory(lm, base):
         assert result.items[0]["probs_normal"] != base.items[0]["probs_normal"]
         scores[level] = result.traits["extraversion"].mean
     assert all(1 <= s <= 5 for s in scores.values())
+    assert scores["high"] != scores["low"]  # the two prompts change the self-report differently
 
 
 def test_agreement_scoring_moves_with_a_persona_prompt(lm):

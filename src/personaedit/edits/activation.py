@@ -103,12 +103,6 @@ class ActivationEdit(Edit):
                 needs.append((f"{where} (neuron index)", (int(item.indices.max()) + 1,), (width,)))
         return needs
 
-    def neurons_per_layer(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for item in self.interventions:
-            counts[item.layer] = counts.get(item.layer, 0) + item.touched
-        return counts
-
     def payload(self) -> dict[str, Any]:
         return {"interventions": [item.describe() for item in self.interventions]}
 
