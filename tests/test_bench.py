@@ -223,7 +223,7 @@ def test_the_cli_refuses_a_folder_it_cannot_resume_before_loading_the_model(tmp_
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the folder was checked")
 
-    monkeypatch.setattr(cli, "_load", no_load)
+    monkeypatch.setattr(cli, "load", no_load)
     code, out, err = run_cli(["bench", "--methods", "prompt", "--personas", "extraversion=high", "--out", str(folder)], capsys)
     assert code == 2 and "suite 'full'" in err and "another --out" in err
 

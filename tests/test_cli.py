@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clirun import run_cli as run
-from personaedit.cli import parse_edit_option
+from personaedit.preflight import parse_edit_option
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.models import load_model
 from test_loading import save_tiny

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-_stdout = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-MODEL_HELP = "default | a local HF folder | a .gguf file | a hub id already in the local cache"
+from personaedit.cli_shared import MODEL_HELP, err, load, status, stdout
 
 
 def calibrate(
@@ -49,19 +45,18 @@ def calibrate(
     result, edit = _run(method, target, model, device, out, questions, max_new_tokens,
                         Budget(perplexity_budget, coherent_min), not no_cache)
     if as_json:
-        _stdout.print(json.dumps(result, indent=2), markup=False)
+        stdout.print(json.dumps(result, indent=2), markup=False)
     else:
         _print_calibration(result)
     if edit is not None:
         edit.save(out)
-        _err.print(f"saved the calibrated {method} edit to {out}")
+        err.print(f"saved the calibrated {method} edit to {out}")
 
 
 def _run(method, persona, model, device, out, questions, max_new_tokens, budget, use_cache) -> tuple[dict, Any]:
     from personaedit.calibration import calibrated_edit
-    from personaedit.cli import _load
 
-    lm = _load(model, device)
+    lm = load(model, device)
     result = _calibration(lm, method, persona, budget=budget, questions=questions, max_new_tokens=max_new_tokens,
                           use_cache=use_cache)
     return result, calibrated_edit(lm, method, persona, result) if out is not None else None
@@ -70,7 +65,6 @@ def _run(method, persona, model, device, out, questions, max_new_tokens, budget,
 def _calibration(lm: Any, method: str, persona: Any, **settings: Any) -> dict[str, Any]:
     """Run (or read from the cache) a calibration, its current step shown as a status line."""
     from personaedit.calibration import calibrate as run_calibration
-    from personaedit.cli import status
     from personaedit.eval.text_judge import TextJudge
 
     judge = TextJudge.load()
@@ -96,14 +90,14 @@ def _print_calibration(result: dict[str, Any]) -> None:
         table.add_row(json.dumps(trial["options"]) if trial["options"] else "defaults", f"{trial['strength']:g}",
                       f"{effect['mean']:+.3f} [{effect['low']:+.3f}, {effect['high']:+.3f}]", effect["verdict"],
                       f"{trial['coherent_share']:.0%}", f"{trial['perplexity_ratio']:.2f}", "yes" if within else "no")
-    _stdout.print(table)
+    stdout.print(table)
     chosen = result["chosen"]
     if chosen is None:
-        _stdout.print("no setting stayed within the budget "
+        stdout.print("no setting stayed within the budget "
                       f"(perplexity ≤ {budget['perplexity_ratio']:g}×, coherent ≥ {budget['coherent_share']:.0%})")
     else:
         options = json.dumps(chosen["options"]) if chosen["options"] else "default options"
-        _stdout.print(f"chosen: {options} at strength {chosen['strength']:g}: effect "
+        stdout.print(f"chosen: {options} at strength {chosen['strength']:g}: effect "
                       f"{chosen['effect']['mean']:+.3f} [{chosen['effect']['low']:+.3f}, {chosen['effect']['high']:+.3f}]"
                       f" ({chosen['effect']['verdict']}) on validation questions")
 

@@ -7,12 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-_stdout = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False)
-
-MODEL_HELP = "default | a local HF folder | a .gguf file | a hub id already in the local cache"
+from personaedit.cli_shared import MODEL_HELP, err, stdout
 
 
 def export(
@@ -35,10 +31,10 @@ def export(
     """Write an edit as a PEFT LoRA adapter, a llama.cpp control vector, a GGUF model, or a chat prompt (JSON)."""
     from personaedit.export import export_edit
 
-    with _err.status(f"exporting {source} as {fmt}"):
+    with err.status(f"exporting {source} as {fmt}"):
         result = export_edit(source, fmt, out, model=model, strength=strength, rank=rank, skip_unsupported=skip_unsupported,
                              all_positions=all_positions, dtype=dtype, force=force)
-    _stdout.print(result.line(), markup=False)
+    stdout.print(result.line(), markup=False)
 
 
 def from_finetune(
@@ -51,9 +47,9 @@ def from_finetune(
     """φ = θ_finetuned − θ_base, streamed tensor by tensor, saved as a personality vector (`merge --vector` reads it)."""
     from personaedit.vectors.finetune import vector_from_finetune
 
-    with _err.status(f"reading {finetuned} against {base}"):
+    with err.status(f"reading {finetuned} against {base}"):
         result = vector_from_finetune(base, finetuned, out, dtype=dtype, persona=persona)
-    _stdout.print(result.line(), markup=False)
+    stdout.print(result.line(), markup=False)
 
 
 def register(app: typer.Typer, vector_app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from personaedit.cli_shared import MODEL_HELP, err, load
 from personaedit.errors import EditError, PersonaEditError
 
 INSTALL_HINT = "pip install 'personaedit[serve]'"
@@ -25,7 +26,7 @@ def require_serve_extra() -> None:
 
 def parse_named_edit(text: str) -> tuple[str, Path, float]:
     """`NAME=DIR` or `NAME=DIR:STRENGTH` -> (name, folder, strength)."""
-    from personaedit.cli import parse_edit_option
+    from personaedit.preflight import parse_edit_option
 
     name, sep, rest = text.partition("=")
     if not sep or not name.strip() or not rest:
@@ -57,8 +58,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(
-    model: str = typer.Option("default", "--model", "-m",
-                              help="default | a local HF folder | a .gguf file | a hub id already in the local cache"),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     edit: List[str] = typer.Option([], "--edit", "-e", help="NAME=DIR[:STRENGTH]: serve an edit as model NAME (repeatable)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
@@ -71,11 +71,10 @@ def serve(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: by device)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible API; each request picks an edit ("model": NAME) or a persona."""
-    from personaedit import cli
 
     require_serve_extra()
     named = load_named_edits(edit)
-    lm = cli._load(model, device, dtype)
+    lm = load(model, device, dtype)
 
     import uvicorn
 
@@ -83,7 +82,7 @@ def serve(
 
     app = create_app(lm, named, max_batch=max_batch, batch_wait_ms=batch_wait_ms, default_max_tokens=max_tokens)
     if not is_loopback(host):
-        cli.err.print(f"warning: binding to {host} exposes the server, which has no authentication, beyond this machine")
+        err.print(f"warning: binding to {host} exposes the server, which has no authentication, beyond this machine")
     names = ", ".join(app.state.catalog.model_ids())
-    cli.err.print(f"serving {lm.spec} (models: {names}) on http://{host}:{port}/v1")
+    err.print(f"serving {lm.spec} (models: {names}) on http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,7 +1,7 @@
 """Edits as values: context, activation and weight edits, their composition, saving and loading."""
 
 from personaedit.edits.activation import ActivationEdit, Intervention
-from personaedit.edits.base import BaseModelInfo, ComposedEdit, Edit, load_edit
+from personaedit.edits.base import BaseModelInfo, ComposedEdit, Description, Edit, load_edit
 from personaedit.edits.context import ContextEdit
 from personaedit.edits.routed import RoutedEdit
 from personaedit.edits.weight import Delta, WeightEdit
@@ -11,6 +11,6 @@ EDIT_KINDS: dict[str, type[Edit]] = {
 }
 
 __all__ = [
-    "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "EDIT_KINDS", "Edit",
+    "ActivationEdit", "BaseModelInfo", "ComposedEdit", "ContextEdit", "Delta", "Description", "EDIT_KINDS", "Edit",
     "Intervention", "RoutedEdit", "WeightEdit", "load_edit",
 ]

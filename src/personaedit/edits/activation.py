@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from personaedit.edits.base import Edit, common_fields
+from personaedit.edits.base import Description, Edit, common_fields
 from personaedit.errors import EditError
 from personaedit.models.hooks import generated_mask, hooked
 from personaedit.models.loading import LoadedModel
@@ -105,6 +105,17 @@ class ActivationEdit(Edit):
 
     def payload(self) -> dict[str, Any]:
         return {"interventions": [item.describe() for item in self.interventions]}
+
+    def _details(self) -> Description:
+        """One row per intervention, with the share of the site's width it touches (when the base model is known)."""
+        rows = []
+        for item in self.interventions:
+            width = None
+            if self.base:
+                width = self.base.mlp_size if item.point in ("mlp_hidden", "mlp_gate") else self.base.hidden_size
+            share = f"{item.touched / width:.2%}" if width else "?"
+            rows.append((str(item.layer), item.point, item.op, item.positions, str(item.touched), share))
+        return Description("", table=(("layer", "site", "op", "positions", "neurons touched", "share"), tuple(rows)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -48,6 +48,26 @@ class BaseModelInfo:
 
 
 @dataclass(frozen=True)
+class Description:
+    """What `personaedit info` shows of an edit: a title, lines of text, at most one table, and its parts."""
+
+    title: str
+    lines: tuple[str, ...] = ()
+    table: tuple[tuple[str, ...], tuple[tuple[str, ...], ...]] | None = None  # (column names, rows)
+    parts: tuple[tuple[float, "Description"], ...] = ()  # (weight, part) of a composed edit
+
+
+def _calibration_line(calibration: dict[str, Any]) -> str:
+    effect = calibration["validation"]["effect"]
+    return (f"calibrated for this model: strength {calibration['strength']:g} (the edit's scale)"
+            f"{' with ' + json.dumps(calibration['options']) if calibration['options'] else ''}; on "
+            f"{calibration['questions']} validation questions effect {effect['mean']:+.3f} "
+            f"[{effect['low']:+.3f}, {effect['high']:+.3f}] ({effect['verdict']}), coherent "
+            f"{calibration['validation']['coherent_share']:.0%}, perplexity "
+            f"×{calibration['validation']['perplexity_ratio']:.2f}")
+
+
+@dataclass(frozen=True)
 class Edit(ABC):
     """Common fields of every edit; subclasses add their payload and how to apply it."""
 
@@ -58,6 +78,28 @@ class Edit(ABC):
     scale: float = 1.0
 
     kind: ClassVar[str] = ""
+
+    # --- describing -------------------------------------------------------------------------
+    def describe(self) -> Description:
+        """The edit in words: method, persona, options (and a calibration), base model, then what its kind adds."""
+        lines = []
+        if self.persona:
+            lines.append(f"persona: {self.persona.spec()}")
+        calibration = self.options.get("calibration") if self.options else None
+        if self.options:
+            lines.append(f"options: {json.dumps({k: v for k, v in self.options.items() if k != 'calibration'}, sort_keys=True)}")
+        if calibration:
+            lines.append(_calibration_line(calibration))
+        if self.base:
+            b = self.base
+            lines.append(f"base model: {b.spec} ({b.model_type}, {b.layers} layers, fingerprint {b.fingerprint})")
+        details = self._details()
+        title = f"{self.kind} edit · method {self.method} · scale {self.scale:g}"
+        return dataclasses.replace(details, title=title, lines=tuple(lines) + details.lines)
+
+    def _details(self) -> Description:
+        """What this kind of edit adds to `describe` (lines, a table, parts)."""
+        return Description("")
 
     # --- applying ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -259,6 +301,9 @@ class ComposedEdit(Edit):
 
     def payload(self) -> dict[str, Any]:
         return {"parts": [{"dir": f"part-{i}", "weight": w} for i, (_, w) in enumerate(self.parts)]}
+
+    def _details(self) -> Description:
+        return Description("", parts=tuple((weight, part.describe()) for part, weight in self.parts))
 
     @classmethod
     def from_saved(cls, meta, tensors, directory) -> "ComposedEdit":

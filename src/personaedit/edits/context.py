@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 from personaedit.data import records
-from personaedit.edits.base import Edit, common_fields
+from personaedit.edits.base import Description, Edit, common_fields
 from personaedit.models.generation import Context
 from personaedit.models.loading import LoadedModel
 from personaedit.persona import Dimension, Persona, describe
@@ -91,6 +91,10 @@ class ContextEdit(Edit):
 
     def payload(self) -> dict[str, Any]:
         return {"system": self.system, "demonstrations": [list(d) for d in self.demonstrations]}
+
+    def _details(self) -> Description:
+        system = (f"system prompt: {self.system}",) if self.system else ()
+        return Description("", (*system, f"demonstrations: {len(self.demonstrations)}"))
 
     @classmethod
     def from_saved(cls, meta, tensors, directory) -> "ContextEdit":

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from personaedit.edits.base import Edit, common_fields
+from personaedit.edits.base import Description, Edit, common_fields
 from personaedit.errors import EditError
 from personaedit.models.loading import LoadedModel
 
@@ -82,6 +82,11 @@ class WeightEdit(Edit):
 
     def payload(self) -> dict[str, Any]:
         return {"deltas": {name: {"shape": list(d.shape), "rank": d.rank} for name, d in self.deltas.items()}}
+
+    def _details(self) -> Description:
+        rows = tuple((name, "×".join(map(str, d.shape)), f"rank-{d.rank} factors" if d.rank else "dense")
+                     for name, d in self.deltas.items())
+        return Description("", table=(("parameter", "shape", "stored as"), rows))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
