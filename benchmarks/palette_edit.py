@@ -49,7 +49,8 @@ from common import row  # noqa: E402
 
 from personaedit.data import records  # noqa: E402
 from personaedit.edits import WeightEdit  # noqa: E402
-from personaedit.eval.metrics import kl_to_base, next_token_logprobs, perplexity  # noqa: E402
+from personaedit.eval.metrics import kl_to_base, perplexity
+from personaedit.models.scoring import next_token_logprobs  # noqa: E402
 from personaedit.eval.text_judge import TextJudge  # noqa: E402
 from personaedit.methods import fit_edit  # noqa: E402
 from personaedit.methods.locate import Request, efficacy  # noqa: E402

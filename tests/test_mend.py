@@ -10,7 +10,7 @@ import torch
 
 from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import PersonaEditError
-from personaedit.eval.metrics import mean_answer_logprob
+from personaedit.models.scoring import mean_answer_logprob
 from personaedit.methods import mend
 from personaedit.data.external import EDIT_QUESTION
 from personaedit.methods.mend_editor import MendEditor, TrainConfig, gradient_factors, load_editor, update_factors

@@ -7,6 +7,7 @@ import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.eval import metrics as M
+from personaedit.models import scoring
 from tiny import tiny_lm
 
 COHERENT = "the quick brown fox jumps over a lazy dog while seven small birds sing in tall green trees today"
@@ -20,7 +21,7 @@ def steering(lm, strength_vector=3.0):
 
 def manual_answer_logprobs(lm, prompt, answer):
     """One unpadded forward pass with the shift written out."""
-    p = M.prompt_ids(lm, prompt)
+    p = scoring.prompt_ids(lm, prompt)
     a = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = lm.model(torch.tensor([p + a])).logits[0].float().log_softmax(-1)
@@ -48,32 +49,32 @@ def test_ngram_entropy_hand_computed():
 def test_answer_logprobs_match_manual_shift_with_left_padding(lm):
     prompts = ["Hi", "What do you think of jazz music and parties at night?", "Plans?"]
     answers = ["I love it.", "It is relaxing", " quiet evening at home with a book"]
-    batched = M.answer_logprobs(lm, prompts, answers, batch_size=3)  # one left-padded batch of unequal lengths
+    batched = scoring.answer_logprobs(lm, prompts, answers, batch_size=3)  # one left-padded batch of unequal lengths
     for prompt, answer, got in zip(prompts, answers, batched):
         want = manual_answer_logprobs(lm, prompt, answer)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-    means = M.mean_answer_logprob(lm, prompts, answers, batch_size=2)
+    means = scoring.mean_answer_logprob(lm, prompts, answers, batch_size=2)
     assert means == pytest.approx([float(t.mean()) for t in batched], abs=1e-5)
-    rows = M.answer_next_token_logprobs(lm, prompts, answers, batch_size=3)
+    rows = scoring.answer_next_token_logprobs(lm, prompts, answers, batch_size=3)
     ids = lm.tokenizer(answers[1], add_special_tokens=False)["input_ids"]
     assert rows[1].shape == (len(ids), 384)
     assert torch.allclose(rows[1][torch.arange(len(ids)), ids], batched[1], atol=1e-6)
-    assert M.answer_logprobs(lm, ["Hi"], [""])[0].numel() == 0 and math.isnan(M.mean_answer_logprob(lm, ["Hi"], [""])[0])
+    assert scoring.answer_logprobs(lm, ["Hi"], [""])[0].numel() == 0 and math.isnan(scoring.mean_answer_logprob(lm, ["Hi"], [""])[0])
 
 
 def test_gpt2_absolute_positions_survive_left_padding():
     lm = tiny_lm("gpt2")
     prompts, answers = ["Hi", "What do you think of jazz music at parties?"], ["Yes.", "It is lively"]
-    for got, p, a in zip(M.answer_logprobs(lm, prompts, answers), prompts, answers):
+    for got, p, a in zip(scoring.answer_logprobs(lm, prompts, answers), prompts, answers):
         assert torch.allclose(got, manual_answer_logprobs(lm, p, a), atol=1e-5)
 
 
 def test_next_token_logprobs_is_last_prompt_position(lm):
     prompts = ["Hi", "What do you think of jazz music?"]
-    got = M.next_token_logprobs(lm, prompts)
+    got = scoring.next_token_logprobs(lm, prompts)
     for row, prompt in zip(got, prompts):
         with torch.no_grad():
-            want = lm.model(torch.tensor([M.prompt_ids(lm, prompt)])).logits[0, -1].log_softmax(-1)
+            want = lm.model(torch.tensor([scoring.prompt_ids(lm, prompt)])).logits[0, -1].log_softmax(-1)
         assert torch.allclose(row, want, atol=1e-5)
 
 
@@ -81,11 +82,11 @@ def test_activation_edit_at_generated_positions_acts_on_answer_only(lm):
     seen = []
     handle = lm.model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits.detach().clone()))
     prompt, answer = "What do you think of jazz music?", "It is relaxing and lively."
-    n_prompt = len(M.prompt_ids(lm, prompt))
+    n_prompt = len(scoring.prompt_ids(lm, prompt))
     try:
-        before = M.answer_logprobs(lm, [prompt], [answer])[0]
+        before = scoring.answer_logprobs(lm, [prompt], [answer])[0]
         with steering(lm).apply(lm):
-            after = M.answer_logprobs(lm, [prompt], [answer])[0]
+            after = scoring.answer_logprobs(lm, [prompt], [answer])[0]
     finally:
         handle.remove()
     base_logits, edited_logits = seen
@@ -129,9 +130,9 @@ def test_kl_and_drawdown_hand_computed():
 
 
 def test_kl_zero_for_identical_model_runs(lm):
-    rows = M.answer_next_token_logprobs(lm, ["Hi"], ["I love it."])
-    assert M.kl_to_base(rows, M.answer_next_token_logprobs(lm, ["Hi"], ["I love it."])) == 0.0
-    assert M.kl_to_base(M.next_token_logprobs(lm, ["Hi"]), M.next_token_logprobs(lm, ["Hi"])) == 0.0
+    rows = scoring.answer_next_token_logprobs(lm, ["Hi"], ["I love it."])
+    assert M.kl_to_base(rows, scoring.answer_next_token_logprobs(lm, ["Hi"], ["I love it."])) == 0.0
+    assert M.kl_to_base(scoring.next_token_logprobs(lm, ["Hi"]), scoring.next_token_logprobs(lm, ["Hi"])) == 0.0
 
 
 # --- PersonalityEdit -------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_edit_success_hand_computed():
 def test_measure_es_and_dd_on_tiny_model(lm):
     target = [("What do you think of parties?", "I love meeting new people at parties.")]
     other = [("What do you think of parties?", "I prefer a quiet evening at home.")]
-    lp = lambda pairs: M.token_mean(M.answer_logprobs(lm, [q for q, _ in pairs], [a for _, a in pairs]))  # noqa: E731
+    lp = lambda pairs: M.token_mean(scoring.answer_logprobs(lm, [q for q, _ in pairs], [a for _, a in pairs]))  # noqa: E731
     edit = steering(lm)
     # strength 0: edited == base, so ES = sigmoid(lp(target) - lp(other))
     assert M.measure_es(lm, edit, target, other, strength=0.0) == pytest.approx(

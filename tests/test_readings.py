@@ -37,12 +37,12 @@ def test_capability_correct_picks_the_likeliest_option_and_matches_numbers(monke
              {"kind": "arithmetic", "question": "q4", "answer": 12}]
     scores = [-3.0, -2.0, -0.5, -4.0,   # q1: option 2 likeliest: right
               -1.0, -0.2, -2.0, -2.0]   # q3: option 1 likeliest: wrong
-    monkeypatch.setattr("personaedit.eval.metrics.mean_answer_logprob", lambda lm_, prompts, answers: scores)
+    monkeypatch.setattr("personaedit.models.scoring.mean_answer_logprob", lambda lm_, prompts, answers: scores)
     monkeypatch.setattr(readings, "generate", lambda lm_, prompts, max_new_tokens: ["It is 7.", "About 13"])
     assert readings.capability_correct(lm, items) == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_reply_perplexities_are_exp_of_the_negative_mean_logprob(monkeypatch, lm):
-    monkeypatch.setattr("personaedit.eval.metrics.mean_answer_logprob",
+    monkeypatch.setattr("personaedit.models.scoring.mean_answer_logprob",
                         lambda lm_, prompts, answers, on_progress=None: [-1.0, math.nan])
     assert readings.reply_perplexities(lm, ["a", "b"], ["x", ""]) == [pytest.approx(math.e), pytest.approx(math.nan, nan_ok=True)]

@@ -11,7 +11,7 @@ import pytest
 from personaedit.edits import RoutedEdit, load_edit
 from personaedit.edits.routed import SCOPE_ENCODERS
 from personaedit.errors import PersonaEditError
-from personaedit.eval.metrics import answer_logprobs
+from personaedit.models.scoring import answer_logprobs
 from personaedit.methods import serac
 from personaedit.models import generate
 from personaedit.models.generation import build_messages

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 from personaedit.bench.grid import Cell
 from personaedit.bench.measure import BenchSuite, measure_condition, neutral_prompts, peak_memory, towards
 from personaedit.edits import load_edit
-from personaedit.eval.metrics import next_token_logprobs
+from personaedit.models.scoring import next_token_logprobs
 from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona

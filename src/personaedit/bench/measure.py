@@ -18,6 +18,7 @@ from personaedit.data import records
 from personaedit.errors import PersonaEditError
 from personaedit.eval import metrics
 from personaedit.models import LoadedModel, generate
+from personaedit.models.scoring import next_token_logprobs
 from personaedit.persona import BIG_FIVE, Persona, describe
 
 Stage = Callable[[str], None]
@@ -85,7 +86,7 @@ def measure_condition(lm: LoadedModel, judge: Any, suite: BenchSuite, persona: P
         "samples": [{"question": q, "reply": r} for q, r in list(zip(prompts, replies))[:3]],
         "replies": replies,  # all of them, in prompt order: another judge can score them again
     }
-    next_logprobs = metrics.next_token_logprobs(lm, neutral_prompts(suite))
+    next_logprobs = next_token_logprobs(lm, neutral_prompts(suite))
     result["kl_to_base"] = 0.0 if base_next is None else metrics.kl_to_base([base_next], [next_logprobs])
     if persona is not None:
         result["towards"] = towards(persona, result["scores"])

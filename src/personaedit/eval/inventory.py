@@ -26,7 +26,7 @@ import inspect
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -38,8 +38,8 @@ from personaedit.models.kvcache import cache_argument, cache_of
 from personaedit.models.hooks import generated_from
 from personaedit.models.loading import LoadedModel
 from personaedit.persona import BIG_FIVE, MBTI
+from personaedit.progress import Progress
 
-Progress = Callable[[int, int], None]
 
 LIKERT_LABELS = ("Very Accurate", "Moderately Accurate", "Neither Accurate Nor Inaccurate",
                  "Moderately Inaccurate", "Very Inaccurate")  # scores 5, 4, 3, 2, 1

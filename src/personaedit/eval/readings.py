@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from personaedit.data import records
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import BIG_FIVE, MBTI
+from personaedit.progress import Progress
 
-Progress = Callable[[int, int], None]
 
 # A reply the base model finds less plausible than this (perplexity per token) reads as nonsense.
 PLAUSIBLE_PERPLEXITY = 50.0
@@ -57,7 +57,7 @@ def margin_items(dimensions: Sequence[str]) -> list[MarginItem]:
 
 def text_logprobs(lm: LoadedModel, items: Sequence[MarginItem], on_progress: Progress | None = None) -> list[float]:
     """Mean log-probability per token of each item's text as the reply to its prompt."""
-    from personaedit.eval.metrics import mean_answer_logprob
+    from personaedit.models.scoring import mean_answer_logprob
 
     if not items:
         return []
@@ -67,7 +67,7 @@ def text_logprobs(lm: LoadedModel, items: Sequence[MarginItem], on_progress: Pro
 def reply_perplexities(lm: LoadedModel, prompts: Sequence[str], replies: Sequence[str],
                        on_progress: Progress | None = None) -> list[float]:
     """exp(−mean log-probability per token) of each reply under `lm` (call it on the base model); NaN when empty."""
-    from personaedit.eval.metrics import mean_answer_logprob
+    from personaedit.models.scoring import mean_answer_logprob
 
     means = mean_answer_logprob(lm, list(prompts), [r if r.strip() else "" for r in replies], on_progress=on_progress)
     return [math.exp(-m) if not math.isnan(m) else math.nan for m in means]
@@ -103,7 +103,7 @@ def capability_correct(lm: LoadedModel, items: Sequence[dict], *, max_new_tokens
                        on_progress: Progress | None = None) -> list[float]:
     """1.0 / 0.0 per item: the option with the highest mean log-probability per token is the key (choice), or the
     first number of the greedy reply equals the answer (arithmetic)."""
-    from personaedit.eval.metrics import mean_answer_logprob
+    from personaedit.models.scoring import mean_answer_logprob
 
     correct: list[float] = [0.0] * len(items)
     choice = [(i, row) for i, row in enumerate(items) if row["kind"] == "choice"]

@@ -22,11 +22,12 @@ from personaedit.eval.topic_metrics import edit_topic, topic_metrics
 from personaedit.eval.effect import effects_to_dict, mean_effect, paired_effect, paired_ratio, signed_logprob_changes, trait_effects
 from personaedit.errors import PersonaEditError
 from personaedit.models import LoadedModel, generate
+from personaedit.models.scoring import next_token_logprobs
 from personaedit.persona import BIG_FIVE, Persona, describe
+from personaedit.progress import StagedProgress
 
 SCHEMA = "personaedit-eval"
 SCHEMA_VERSION = 2  # 2: effects (the effect protocol), capability, plausibility
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def run_suite(
     force: bool = False,
     judge: Any = None,
     llm_judge: Any = None,
-    on_progress: Progress | None = None,
+    on_progress: StagedProgress | None = None,
 ) -> dict[str, Any]:
     """Measure `lm` plainly and (when `edit` is given) under `edit`; return the report dict (see docs/EVAL.md)."""
     from personaedit.eval import inventory, metrics
@@ -154,12 +155,12 @@ def run_suite(
         "data": {"questions": len(prompts), "perplexity_texts": len(texts), "kl_prompts": len(neutral_prompts),
                  "split": "test"},
     }
-    base_next = metrics.next_token_logprobs(lm, neutral_prompts)
+    base_next = next_token_logprobs(lm, neutral_prompts)
     conditions = {"base": measure("base")}
     if edit is not None:
         with edit.apply(lm, force=force):
             conditions["edited"] = measure("edited")
-            edited_next = metrics.next_token_logprobs(lm, neutral_prompts)
+            edited_next = next_token_logprobs(lm, neutral_prompts)
         if llm_judge is not None or topic_of(edit):  # each metric applies the edit itself
             report["personalityedit"] = _personalityedit(lm, edit, persona, judge, llm_judge, force)
         report["kl_to_base"] = metrics.kl_to_base([base_next], [edited_next])

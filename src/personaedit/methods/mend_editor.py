@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from personaedit.errors import EditError, InputFileError, PersonaEditError
-from personaedit.eval.metrics import prompt_ids
+from personaedit.models.scoring import prompt_ids
 from personaedit.fileio import atomic_dir, give_usual_mode
 from personaedit.models.forward import frozen
 from personaedit.models.hooks import hooked
