@@ -90,9 +90,9 @@ def source_gguf(spec: str, folder: Path | None) -> Path | None:
             if name == _CACHE_STAMP:
                 return Path(value) if Path(value).is_file() else None
             try:
-                from personaedit.models.loading import _resolve_source
+                from personaedit.models.loading import resolve_source
 
-                return source_gguf(value, Path(_resolve_source(value)))
+                return source_gguf(value, Path(resolve_source(value)))
             except PersonaEditError:
                 return None
     return None

@@ -44,9 +44,9 @@ _NOT_COPIED_NAMES = (INDEX_FILE, "personaedit-cache.json", RECORD_FILE)
 def model_folder(spec: str) -> Path:
     """The safetensors folder of a MODEL spec. `default` and `.gguf` files go through the same
     conversion cache as `load_model`; a hub id must already be in the local Hugging Face cache."""
-    from personaedit.models.loading import _resolve_source
+    from personaedit.models.loading import resolve_source
 
-    source = _resolve_source(spec)
+    source = resolve_source(spec)
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download

@@ -239,7 +239,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _resolve_source(spec: str) -> str:
+def resolve_source(spec: str) -> str:
     """The folder (or hub id) that transformers loads for a model spec."""
     if spec in NAMED_MODELS:
         return str(converted_gguf_folder(NAMED_MODELS[spec]()))
@@ -269,7 +269,7 @@ def load_model(
     """Load `spec` (`default`, a local HF folder, a `.gguf` file, or a hub id already in the local cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _resolve_source(spec)
+    source = resolve_source(spec)
     target = pick_device(device)
     torch_dtype = pick_dtype(target, dtype)
     is_hub_id = not Path(source).exists()
