@@ -5,7 +5,10 @@ next) and prints rows through common.row (measured value, target, verdict); this
 (steer_calibration, palette_edit main/ablation, vector_sweep, personalityedit_table, `personaedit bench`)
 take tens of minutes and are run on their own; docs/BENCHMARKS.md has their commands and numbers.
 
-python benchmarks/run.py [--only load_time,merge_cost] [--quick]
+`--peers` runs the side-by-side benchmarks of benchmarks/peers/ instead: each sets up its peer (mergekit, repeng)
+in its own virtual environment on first use and prints the ratios ours/peer (median [min, max] over the pairs).
+
+python benchmarks/run.py [--only load_time,merge_cost] [--quick] [--peers]
 """
 
 from __future__ import annotations
@@ -28,13 +31,21 @@ BENCHMARKS = [
     ("merge_cost.py", [], []),
 ]
 
+# The side-by-side benchmarks (--peers): A B A B pairs against the tool a user would pick instead.
+PEERS = [
+    ("peers/mergekit_vs.py", [], ["--pairs", "1", "--cases", "task_arithmetic,ties,negation"]),
+    ("peers/repeng_vs.py", [], ["--pairs", "1", "--repeats", "1"]),
+]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma-separated script names (without .py)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
+    parser.add_argument("--peers", action="store_true", help="the side-by-side benchmarks against mergekit and repeng")
     args = parser.parse_args()
-    chosen = [b for b in BENCHMARKS if not args.only or b[0].removesuffix(".py") in args.only.split(",")]
+    pool = PEERS if args.peers else BENCHMARKS
+    chosen = [b for b in pool if not args.only or Path(b[0]).stem in args.only.split(",")]
     table: list[str] = []
     for script, full, quick in chosen:
         command = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
