@@ -5,8 +5,9 @@ next) and prints rows through common.row (measured value, target, verdict); this
 (steer_calibration, palette_edit main/ablation, vector_sweep, personalityedit_table, `personaedit bench`)
 take tens of minutes and are run on their own; docs/BENCHMARKS.md has their commands and numbers.
 
-`--peers` runs the side-by-side benchmarks of benchmarks/peers/ instead: each sets up its peer (mergekit, repeng)
-in its own virtual environment on first use and prints the ratios ours/peer (median [min, max] over the pairs).
+`--peers` runs the side-by-side benchmarks of benchmarks/peers/ instead: each sets up its peer (mergekit, repeng;
+EasyEdit too when $EASYEDIT names a checkout of it) in its own virtual environment on first use and prints the
+ratios ours/peer (median [min, max] over the pairs).
 
 python benchmarks/run.py [--only load_time,merge_cost] [--quick] [--peers]
 """
@@ -14,6 +15,7 @@ python benchmarks/run.py [--only load_time,merge_cost] [--quick] [--peers]
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +38,8 @@ PEERS = [
     ("peers/mergekit_vs.py", [], ["--pairs", "1", "--cases", "task_arithmetic,ties,negation"]),
     ("peers/repeng_vs.py", [], ["--pairs", "1", "--repeats", "1"]),
 ]
+if os.environ.get("EASYEDIT"):  # EasyEdit is not on PyPI: a checkout of it (see peers/easyedit_vs.py)
+    PEERS.append(("peers/easyedit_vs.py", [], ["--requests", "2"]))
 
 
 def main() -> None:
