@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from personaedit.fileio import write_text_atomic  # imports no torch
+
 VENVS = Path(os.environ.get("PERSONAEDIT_PEER_VENVS", "/work/venvs"))
 TORCH = "torch==2.13.0"  # first, so that a peer's requirements find a CPU torch and pull no CUDA build
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +45,7 @@ def ensure_venv(name: str, packages: Sequence[str], *, extra: Sequence[Sequence[
     subprocess.run([*pip, "install", "--quiet", *packages], check=True)
     for arguments in extra:
         subprocess.run([*pip, *arguments], check=True)
-    stamp.write_text(json.dumps(wanted))
+    write_text_atomic(stamp, json.dumps(wanted))
     return python
 
 
