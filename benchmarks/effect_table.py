@@ -64,11 +64,14 @@ def main() -> None:
     parser.add_argument("--calibrated", action="store_true", help="activation methods at their calibrated setting")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD=JSON",
+                        help="fit METHOD with these options instead of calibrating it, e.g. dpnle='{\"scale\": 8}'")
     args = parser.parse_args()
     if args.table_only:
         print_table(args.out)
         return
 
+    fixed = {m: json.loads(options) for m, _, options in (s.partition("=") for s in args.set)}
     lm, judge = load_model(args.model), TextJudge.load()
     done = set()
     if args.out.exists():
@@ -86,7 +89,7 @@ def main() -> None:
             base_replies, base_ppl = base_cache[persona.spec()]
             started = time.perf_counter()
             calibration = None
-            if args.calibrated and method in CALIBRATED:
+            if args.calibrated and method in CALIBRATED and method not in fixed:
                 calibration = calibrate(lm, method, persona, judge, stage=lambda s: print(f"  [{method}] {s}", flush=True))
                 if calibration["chosen"] is None:  # nothing within budget: the cell says so and the run goes on
                     record(args.out, {"model": args.model, "method": method, "persona": persona.spec(), "n": len(asked),
@@ -95,7 +98,7 @@ def main() -> None:
                     continue
                 edit = calibrated_edit(lm, method, persona, calibration)
             else:
-                edit = fit_edit(method, lm, persona, **fit_options(method, persona))
+                edit = fit_edit(method, lm, persona, **fit_options(method, persona), **fixed.get(method, {}))
             fit_seconds = time.perf_counter() - started
             with edit.apply(lm):
                 replies = generate(lm, asked, max_new_tokens=args.max_new_tokens)
@@ -107,7 +110,7 @@ def main() -> None:
                 "effect": effect.to_dict(), "coherent_share": sum(map(is_coherent, replies)) / len(replies),
                 "base_coherent_share": sum(map(is_coherent, base_replies)) / len(base_replies),
                 "perplexity_ratio": geometric_mean(reply_perplexities(lm, asked, replies)) / geometric_mean(base_ppl),
-                "fit_seconds": round(fit_seconds, 1),
+                "fit_seconds": round(fit_seconds, 1), "options": fixed.get(method),
                 "calibration": None if calibration is None else calibration["chosen"],
                 "calibration_trials": None if calibration is None else calibration["trials"],
                 "samples": [{"question": q, "base": b, "edited": r} for q, b, r in list(zip(asked, base_replies, replies))[:3]],
@@ -152,7 +155,7 @@ def print_table(path: Path) -> None:
             print(f"| {r['method']} | {r['persona']} | — | no setting within the calibration budget | | | |")
             continue
         chosen = r.get("calibration")
-        setting = "defaults" if chosen is None else \
+        setting = json.dumps(r["options"]) if r.get("options") else "defaults" if chosen is None else \
             f"strength {chosen['strength']:g} {json.dumps(chosen['options']) if chosen['options'] else ''}".strip()
         print(f"| {r['method']} | {r['persona']} | {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] | {e['verdict']} "
               f"| {r['coherent_share']:.0%} | {r['perplexity_ratio']:.2f} | {setting} |")
