@@ -15,7 +15,7 @@ Where this differs from the reference, and why:
   Llama-3-8B, 14–27 of 28 on Qwen2.5-7B). `layers="auto"` scales that to any depth: from 7/16 of the depth
   (the mean of the two) to the last layer. `personaedit calibrate dpnle` chooses the range per model.
 - τ = 0.3 (the reference's Qwen2.5-7B value; its Llama-3-8B value 0.8 kept 7 of 23,040 neurons on the
-  default model, too few to move anything).
+  default model in this project's earlier variant, too few to move anything).
 - Pairs: at most `pairs`, and never a repeated (question, description, description) combination; the
   reference draws 1,000 from a larger question set. The training split has 16 questions per trait and 6
   descriptions per pole (576 combinations).
