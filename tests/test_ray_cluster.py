@@ -93,3 +93,19 @@ def test_a_process_connected_to_one_cluster_refuses_the_address_of_another(monke
         connect(address)  # the connection in place is used
     with pytest.raises(PersonaEditError, match="already connected to the Ray cluster at 10.0.0.2:6379, not 10.0.0.3:6380"):
         connect("10.0.0.3:6380")
+
+
+def test_cells_that_never_finished_still_get_a_report_then_exit_1(tmp_path, capsys, monkeypatch):
+    import personaedit.bench as bench
+
+    def some_cells_lost(lm, methods, personas, strengths, out, **kwargs):
+        ResultStore(Path(out) / "results.sqlite").close()  # a store the other cells went into
+        raise CellsFailed("2 cell(s) failed on every one of 3 attempts and are not stored (broken|extraversion=1|1 …)",
+                          ["broken|extraversion=1|1", "broken|extraversion=1|2"])
+
+    monkeypatch.setattr(bench, "run_bench", some_cells_lost)
+    args = ["bench", "--model", str(save_tiny(tmp_path / "model")), "--methods", "prompt", "--personas",
+            "extraversion=high", "--out", str(tmp_path / "bench")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and (tmp_path / "bench" / "report.md").is_file()
+    assert err.splitlines()[-1].startswith("error: 2 cell(s) failed on every one of 3 attempts")

@@ -310,9 +310,9 @@ def bench(
     check_device(device)
     check_output_path(out, folder=True)
     check_resumable(out, chosen, suite=suite, method_options=options)  # a folder that cannot resume: before the load
-    if backend == "ray":
-        from personaedit.bench.ray_backend import connect
+    from personaedit.bench.ray_backend import CellsFailed, connect  # Ray itself is imported only to connect
 
+    if backend == "ray":
         with status(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting Ray"):
             connect(ray_address)  # an address with no cluster behind it: one line, before the model is loaded
     lm = load(model, device)
@@ -326,26 +326,23 @@ def bench(
         try:
             run_bench(lm, chosen, specs, levels, out, suite=suite, backend=backend, ray_address=ray_address,
                       method_options=options, on_progress=on_progress)
-        except PersonaEditError as exc:
-            from personaedit.bench.ray_backend import CellsFailed
-
-            if not isinstance(exc, CellsFailed):
-                raise
+        except CellsFailed as exc:  # the other cells are stored: report them, then say which never finished
             lost = exc
     written = write_report(out)
     stdout.print(Markdown(written["markdown"].read_text(encoding="utf-8").split("\n\n")[0]))
     err.print(f"report -> {written['html']}, {written['markdown']}")
-    if backend == "ray":
+    if backend == "ray" and lost is None:
+        from personaedit.bench import ResultStore
         from personaedit.bench.failures import FailureLog
 
-        with FailureLog(out / "results.sqlite") as log:
-            failures = log.rows()
-        if failures and lost is None:
-            err.print(f"{len({f['key'] for f in failures})} cell(s) failed on a Ray worker and finished when run again "
-                      "(each attempt is in results.sqlite, table failures)", markup=False)
+        with FailureLog(out / "results.sqlite") as log, ResultStore(out / "results.sqlite") as store:
+            retried = {f["key"] for f in log.rows()} & store.done()
+        if retried:
+            err.print(f"{len(retried)} stored cell(s) failed on a Ray worker before they finished (each attempt is in "
+                      "results.sqlite, table failures)", markup=False)
     if lost is not None:
         err.print(f"error: {lost}", markup=False)
-        raise typer.Exit(1)
+        sys.exit(1)  # not typer.Exit: click returns that as a value when it does not exit itself
 
 
 @app.command()
