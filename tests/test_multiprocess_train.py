@@ -4,7 +4,7 @@ Two processes with the same global batch train the vector one process trains (to
 (SIGKILL at named fault points: while distilling, while training) resumes across launches. `accelerate launch --cpu
 --num_processes 2` starts one process (accelerate spawns several CPU processes only through --mpirun_hostfile), so
 the test starts two with `--multi_gpu` and no visible GPU: torchrun's launcher, gloo on the CPU, on a free loopback
-port. About 40-60 s on 2 cores, mostly the start-up of three Python processes per launch.
+port. About 20 s on 2 idle cores (60 s under load 8), mostly the start-up of three Python processes per launch.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 quick suite cut short; see ray_cells.py): cells run in parallel and fill the one store, a cell whose worker dies is
 recorded and run again, a cell that always fails is recorded at each attempt and named without losing the others;
 an address with no cluster behind it is a one-line error before the model is loaded. Ray's start-up dominates
-(~20-40 s on 2 cores)."""
+(about 10 s on 2 idle cores; minutes when other jobs load them, though the workers keep the test's priority)."""
 
 from __future__ import annotations
 
