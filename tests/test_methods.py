@@ -120,6 +120,18 @@ def test_steer_vector_is_the_mean_difference_and_flips_with_the_level(lm):
     torch.testing.assert_close(flipped.interventions[0].values, -0.5 * item.values)
 
 
+def test_activation_options_are_one_group_flattened_and_recorded(lm, tmp_path):
+    for name in ("steer", "npti", "dpnle"):
+        options = all_methods()[name].options()
+        assert {n: options[n].default for n in ("prompt_too", "seed", "batch_size")} == \
+            {"prompt_too": False, "seed": 0, "batch_size": 16} and "activation" not in options
+    edit = fit_edit("steer", lm, "extraversion=high", layer="1", prompt_too=True, seed=3, **FAST)
+    assert edit.interventions[0].positions == "all"
+    assert {k: edit.options[k] for k in ("prompt_too", "seed", "batch_size")} == \
+        {"prompt_too": True, "seed": 3, "batch_size": 8}
+    assert load_edit(edit.save(tmp_path / "steer")).options == edit.options
+
+
 def test_steer_picks_a_middle_layer_automatically():
     lm = tiny_lm("qwen2")
     edit = fit_edit("steer", lm, "openness=low", **FAST)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from personaedit.fileio import atomic_path
 from personaedit.methods.contrast import ContrastivePairs
+from personaedit.methods.options import option
 from personaedit.models.forward import encode_prompts, left_pad, position_ids, run_until
 from personaedit.models.generation import build_messages, render_chat
 from personaedit.models.hooks import hooked
@@ -20,6 +22,21 @@ from personaedit.models.loading import LoadedModel, cache_dir
 
 Site = tuple[str, int]  # (point, layer), e.g. ("mlp_hidden", 12)
 REDUCTIONS = ("last", "mean", "firing")
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """The options steer, NPTI and DPN-LE share: where the edit acts, the seed of the prompt draw, the batch
+    activations are collected in. Fields with help are method options (an option group, see options.py)."""
+
+    prompt_too: bool = option(False, "edit the prompt's positions too (default: generated tokens only)")
+    seed: int = option(0, "seed of the random draw of contrastive pairs or persona descriptions")
+    batch_size: int = option(16, "prompts per forward pass while collecting activations")
+
+    @property
+    def positions(self) -> str:
+        """The positions an intervention acts at."""
+        return "all" if self.prompt_too else "generated"
 
 
 def _cache_key(lm: LoadedModel, texts: Sequence[str], sites: Sequence[Site], reduce: str) -> str:

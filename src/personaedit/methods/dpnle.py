@@ -33,7 +33,7 @@ import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.errors import PersonaEditError
-from personaedit.methods.capture import capture_pairs
+from personaedit.methods.capture import ActivationOptions, capture_pairs
 from personaedit.methods.contrast import cohens_d, contrastive_pairs, parse_layers, per_dimension, \
     pole_descriptions, trait_questions
 from personaedit.models import LoadedModel
@@ -77,9 +77,7 @@ def fit(
     scale: float = 1.0,
     weighting: str = "rank",
     prompts: str = "reference",
-    prompt_too: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
+    activation: ActivationOptions = ActivationOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
     """Dual personality neurons (|s| quantile and |Cohen's d| filter), sparse additive edit.
@@ -92,9 +90,8 @@ def fit(
         scale: γ, what strength 1 means, in multiples of s (the reference: 1)
         weighting: rank (w from 0.75 to 1 by |d| rank, the reference's weighted mode) or none
         prompts: reference (persona and trait question in the user turn) or system (persona as system message)
-        prompt_too: edit the prompt's positions too (default: generated tokens only)
-        seed: seed of the pair draw
-        batch_size: prompts per forward pass while collecting activations
+
+    With the options activation methods share (ActivationOptions).
     """
     if prompts not in PROMPT_STYLES:
         raise PersonaEditError(f"unknown prompts {prompts!r} (valid: {', '.join(PROMPT_STYLES)})")
@@ -107,13 +104,13 @@ def fit(
         if prompts == "reference":
             questions = trait_questions(dim)
             highs, lows = pole_descriptions(dim)
-            data = contrastive_pairs(dim, min(pairs, len(questions) * len(highs) * len(lows)), seed=seed,
+            data = contrastive_pairs(dim, min(pairs, len(questions) * len(highs) * len(lows)), seed=activation.seed,
                                      questions=questions, user_turn=True)
         else:
-            data = contrastive_pairs(dim, pairs, seed=seed)
+            data = contrastive_pairs(dim, pairs, seed=activation.seed)
         # Every layer is captured (one forward pass costs the same), so other layer ranges reuse the cache.
         every = [("mlp_hidden", l) for l in range(lm.arch.num_layers)]
-        high, low = capture_pairs(lm, data, every, batch_size=batch_size, on_progress=on_progress)
+        high, low = capture_pairs(lm, data, every, batch_size=activation.batch_size, on_progress=on_progress)
         sites = [("mlp_hidden", l) for l in layer_ids]
         items = []
         counts: dict[str, list[int]] = {"high": [], "low": []}
@@ -125,13 +122,12 @@ def fit(
             if len(index):
                 weight = rank_weights(cohens_d(high[site], low[site])[index]) if weighting == "rank" else 1.0
                 items.append(Intervention("mlp_hidden", layer, s[index] * weight * (level * scale), index,
-                                          positions="all" if prompt_too else "generated"))
+                                          positions=activation.positions))
         selected[dim.name] = counts
         return items
 
     interventions = per_dimension(persona, fit_one)
     options = {"pairs": pairs, "quantile": quantile, "min_d": min_d, "layers": layer_ids, "scale": scale,
-               "weighting": weighting, "prompts": prompts, "prompt_too": prompt_too, "seed": seed,
-               "neurons": selected}
+               "weighting": weighting, "prompts": prompts, "neurons": selected}
     return ActivationEdit(method="dpnle", persona=persona, options=options, base=BaseModelInfo.of(lm),
                           interventions=interventions)

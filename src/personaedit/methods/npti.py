@@ -40,7 +40,7 @@ import torch
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.errors import PersonaEditError
 from personaedit.fileio import write_json_atomic
-from personaedit.methods.capture import over_replies
+from personaedit.methods.capture import ActivationOptions, over_replies
 from personaedit.methods.contrast import ContrastivePairs, as_user_turn, parse_layers, per_dimension, \
     pole_descriptions, trait_questions
 from personaedit.models import LoadedModel, generate
@@ -143,9 +143,7 @@ def fit(
     min_diff: float = 0.1,
     percentile: float = 0.95,
     layers: str = "all",
-    prompt_too: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
+    activation: ActivationOptions = ActivationOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
     """Firing-rate personality neurons on the replies the model writes in persona: add to the target pole's.
@@ -157,28 +155,28 @@ def fit(
         min_diff: keep further neurons while the firing-rate difference is at least this (reference: 0.1)
         percentile: activation percentile that sets how much a neuron is raised (reference: 0.95)
         layers: MLP layers to search: all, 12, 10-20 or 4,8,12 (reference: all)
-        prompt_too: edit the prompt's positions too (default: generated tokens only)
-        seed: seed of the description draw
-        batch_size: prompts per forward pass
+
+    With the options activation methods share (ActivationOptions).
     """
     every = list(range(lm.arch.num_layers))
     layer_ids = every if layers in ("all", "auto") else parse_layers(layers, lm.arch.num_layers, every)
-    positions = "all" if prompt_too else "generated"
+    positions = activation.positions
     total = len(layer_ids) * lm.arch.mlp_size
     min_count = max(1, round(min_share * total))
     chosen_counts: dict[str, dict[str, int]] = {}
 
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
-        asked = answering_prompts(dim, trait_questions(dim, questions), seed)
-        replies = {pole: persona_replies(lm, prompts, max_new_tokens, batch_size, on_progress)
+        asked = answering_prompts(dim, trait_questions(dim, questions), activation.seed)
+        replies = {pole: persona_replies(lm, prompts, max_new_tokens, activation.batch_size, on_progress)
                    for pole, prompts in (("high", asked.high), ("low", asked.low))}
-        rates = {pole: firing_stats(lm, getattr(asked, pole), replies[pole], layer_ids, batch_size).rates(layer_ids)
+        rates = {pole: firing_stats(lm, getattr(asked, pole), replies[pole], layer_ids,
+                                    activation.batch_size).rates(layer_ids)
                  for pole in ("high", "low")}
         target, opposite = ("high", "low") if level > 0 else ("low", "high")
         rows, cols, diffs = select_neurons(rates[target], rates[opposite], min_count, min_diff)
         off_rows, off_cols, _ = select_neurons(rates[opposite], rates[target], min_count, min_diff)
         by_layer = {layer_ids[int(r)]: cols[rows == r] for r in rows.unique()}
-        p95 = percentile_at(lm, getattr(asked, target), replies[target], by_layer, percentile, batch_size)
+        p95 = percentile_at(lm, getattr(asked, target), replies[target], by_layer, percentile, activation.batch_size)
         items = []
         for position in rows.unique().tolist():
             layer, keep = layer_ids[position], rows == position
@@ -193,7 +191,6 @@ def fit(
 
     interventions = per_dimension(persona, fit_one)
     options = {"questions": questions, "max_new_tokens": max_new_tokens, "min_share": min_share,
-               "min_diff": min_diff, "percentile": percentile, "layers": layer_ids, "prompt_too": prompt_too,
-               "seed": seed, "neurons": chosen_counts}
+               "min_diff": min_diff, "percentile": percentile, "layers": layer_ids, "neurons": chosen_counts}
     return ActivationEdit(method="npti", persona=persona, options=options, base=BaseModelInfo.of(lm),
                           interventions=interventions)

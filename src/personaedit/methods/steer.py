@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
-from personaedit.methods.capture import capture_pairs
+from personaedit.methods.capture import ActivationOptions, capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
@@ -34,9 +34,7 @@ def fit(
     layer: str = "auto",
     pairs: int = 256,
     scale: float = 8.0,
-    prompt_too: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
+    activation: ActivationOptions = ActivationOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ActivationEdit:
     """Mean-difference residual steering from contrastive persona pairs.
@@ -45,25 +43,23 @@ def fit(
         layer: residual layer to steer: a number, or auto (the best linear-probe layer of the middle half)
         pairs: contrastive prompt pairs per dimension
         scale: what strength 1 means, in multiples of the mean difference
-        prompt_too: steer the prompt's positions too (default: generated tokens only)
-        seed: seed of the pair draw
-        batch_size: prompts per forward pass while collecting activations
+
+    With the options activation methods share (ActivationOptions).
     """
     candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     chosen: dict[str, dict[str, float]] = {}
 
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
-        data = contrastive_pairs(dim, pairs, seed=seed)
+        data = contrastive_pairs(dim, pairs, seed=activation.seed)
         sites = [("residual", l) for l in candidates]
-        high, low = capture_pairs(lm, data, sites, batch_size=batch_size, on_progress=on_progress)
+        high, low = capture_pairs(lm, data, sites, batch_size=activation.batch_size, on_progress=on_progress)
         ranked = {l: (probe_accuracy(high[s], low[s]), _separation(high[s], low[s])) for l, s in zip(candidates, sites)}
         best = max(candidates, key=lambda l: ranked[l])
         vector = high[("residual", best)].mean(0) - low[("residual", best)].mean(0)
         chosen[dim.name] = {"layer": best, "probe_accuracy": ranked[best][0], "separation": ranked[best][1]}
-        return [Intervention("residual", best, vector * (level * scale),
-                             positions="all" if prompt_too else "generated")]
+        return [Intervention("residual", best, vector * (level * scale), positions=activation.positions)]
 
     interventions = per_dimension(persona, fit_one)
-    options = {"layer": layer, "pairs": pairs, "scale": scale, "prompt_too": prompt_too, "seed": seed, "fitted": chosen}
-    return ActivationEdit(method="steer", persona=persona, options=options, base=BaseModelInfo.of(lm),
+    # What the fit found; fit_edit records every option beside it.
+    return ActivationEdit(method="steer", persona=persona, options={"fitted": chosen}, base=BaseModelInfo.of(lm),
                           interventions=interventions)
