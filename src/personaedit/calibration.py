@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from personaedit.data import records
 from personaedit.edits import Edit
@@ -35,8 +35,8 @@ from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel, generate
 from personaedit.models.loading import cache_dir
 from personaedit.persona import BIG_FIVE, Persona
+from personaedit.progress import Stage
 
-Progress = Callable[[str], None]
 CALIBRATED = ("steer", "npti", "dpnle")
 
 
@@ -128,7 +128,7 @@ def shipped(fingerprint: str, key: str) -> dict[str, Any] | None:
 
 def calibrate(lm: LoadedModel, method: str, persona: Persona, judge: Any, *, budget: Budget = Budget(),
               questions: int = 36, max_new_tokens: int = 40, use_cache: bool = True,
-              stage: Progress = lambda _: None) -> dict[str, Any]:
+              stage: Stage = lambda _: None) -> dict[str, Any]:
     """Try every setting of `method`'s search space on validation questions; return the trials and the choice
     (`chosen` is None when no setting stays within the budget)."""
     options_sets, strengths = search_space(method, lm)
