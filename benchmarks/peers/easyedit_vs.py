@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent))
 from common import row  # noqa: E402
-from peerlib import OUR_PYTHON, RSS_FUNCTION, ensure_venv, fail, load_average, ratio_row, run_json  # noqa: E402
+from peerlib import OUR_PYTHON, RSS_FUNCTION, ensure_venv, fail, load_average, ratio_row, recorded, run_json  # noqa: E402
 
 EASYEDIT = ["transformers==5.24.0", "datasets==4.8.5", "matplotlib==3.10.7", "PyYAML==6.0.2", "numpy==2.2.6"]
 LAYER, LOSS_LAYER = 16, 29
@@ -140,6 +140,11 @@ def main() -> None:
         fail("EasyEdit is not on PyPI: pass --easyedit PATH to a checkout of it (or set EASYEDIT)")
     if not 1 <= args.requests <= 16:
         fail("--requests must be 1-16")
+    with recorded("easyedit_vs"):
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
     peer_python = ensure_venv("easyedit", EASYEDIT)
     work = args.work or Path(tempfile.mkdtemp(prefix="easyedit-vs-"))
     try:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent))
 from common import row  # noqa: E402
 from peerlib import (OUR_PYTHON, alternate, ensure_venv, fail, installed_version, load_average, measure,  # noqa: E402
-                     print_pairs, run_json)
+                     print_pairs, recorded, run_json)
 
 MERGEKIT = "mergekit==0.1.5"
 PERSONAEDIT = str(OUR_PYTHON.parent / "personaedit")
@@ -153,10 +153,14 @@ def main() -> None:
         fail(f"unknown case {unknown[0]!r} (valid: {', '.join(CASES)})")
     if args.pairs < 1:
         fail("--pairs must be >= 1")
+    with recorded("mergekit_vs" + ("" if cases == list(CASES) else "-" + "+".join(cases))):
+        compare(cases, args.pairs, args.work)
 
+
+def compare(cases: list[str], pairs_per_case: int, work_dir: Path | None) -> None:
     peer_python = ensure_venv("mergekit", [MERGEKIT])
     mergekit_yaml = str(peer_python.parent / "mergekit-yaml")
-    work = args.work or Path(tempfile.mkdtemp(prefix="mergekit-vs-"))
+    work = work_dir or Path(tempfile.mkdtemp(prefix="mergekit-vs-"))
     try:
         work.mkdir(parents=True, exist_ok=True)
         fixture = run_json(OUR_PYTHON, BUILD, str(work))
@@ -183,7 +187,7 @@ def main() -> None:
             peer = [mergekit_yaml, str(config), str(peer_out)]
             print(f"{case}: ours `{' '.join(ours[1:])}`; mergekit `mergekit-yaml {config.name}` "
                   f"({', '.join(f'{k}={v}' for k, v in CASES[case][3].items()) or 'defaults'})", flush=True)
-            pairs = alternate(case, ours, peer, pairs=args.pairs,
+            pairs = alternate(case, ours, peer, pairs=pairs_per_case,
                               before=(["rm", "-rf", str(ours_out)], ["rm", "-rf", str(peer_out)]), log_dir=work)
             # the last pair's outputs are still there: compare them
             spec = {"base": fixture["base"], "ours": str(ours_out), "peer": str(peer_out), "method": method,
@@ -194,7 +198,7 @@ def main() -> None:
             report_agreement(case, check, found)
         print(f"load average at the end: {load_average()}")
     finally:
-        if args.work is None:
+        if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
 

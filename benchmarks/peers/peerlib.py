@@ -8,6 +8,8 @@ in child processes too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -17,10 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from personaedit.fileio import write_text_atomic  # imports no torch
 
+RESULTS = Path(__file__).parent / "results"  # each script's last complete output, read by run.py --peers --stored
 VENVS = Path(os.environ.get("PERSONAEDIT_PEER_VENVS", "/work/venvs"))
 TORCH = "torch==2.13.0"  # first, so that a peer's requirements find a CPU torch and pull no CUDA build
 REPO = Path(__file__).resolve().parents[2]
@@ -167,3 +170,42 @@ def run_json(python: Path | str, code: str, *args: str, env: Mapping[str, str] |
     if done.returncode != 0:
         raise SystemExit(f"helper failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: io.TextIOBase) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+@contextlib.contextmanager
+def recorded(name: str) -> Iterator[None]:
+    """Everything printed to stdout inside is kept too and, when the block ends without an error, written to
+    RESULTS/name.txt after a header (`# ` lines: the command, UTC start and end, commit, load average at both ends),
+    so that `benchmarks/run.py --peers --stored` can print the ratios again without re-running."""
+    kept = io.StringIO()
+    began, load = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), load_average()
+    command = shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    real = sys.stdout
+    sys.stdout = _Tee(real, kept)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    header = [f"# command: {command}", f"# started {began} UTC, ended {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} "
+              f"UTC; commit {_commit()}; load average {load} at the start, {load_average()} at the end; "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+    write_text_atomic(RESULTS / f"{name}.txt", "\n".join(header) + "\n" + kept.getvalue())

@@ -14,13 +14,15 @@ Measured:
 - fit: both whole commands (model load included) in turn, A B A B; wall, CPU, peak RSS. personaedit runs with a
   cache folder without cached activations (its converted model shared), so it collects them as repeng does.
 - trait effect against coherence: each tool answers the same held-out questions (test split: the 20 extraversion
-  situational questions and `--neutral` neutral ones, 4 by default; greedy, 32 new tokens, the same chat template
-  and batches) at 4
+  situational questions and `--neutral` neutral ones, 20 by default; greedy, 40 new tokens, the same chat
+  template and batches: the effect table's protocol) at 4
   strengths per pole and with no edit; the text judge scores extraversion, and the effect protocol pairs each
   edited reply with the same tool's unedited reply to the same question (signed towards the pole asked for, 95%
   interval). Coherence: the base model's perplexity of each reply (the same reading for both tools), as a paired
-  change of its logarithm and as the share of plausible replies (perplexity <= 50). "At equal coherence": each
-  tool's largest effect among its strengths whose replies stay at least 90% plausible.
+  change of its logarithm (its exp: the perplexity ratio of the effect table), the share of coherent replies
+  (n-gram entropy) and the share of plausible replies (perplexity <= 50). "At equal coherence": each tool's
+  largest effect among its strengths within `personaedit calibrate`'s budget (perplexity ratio <= 1.5, >= 90%
+  coherent), and, looser, among those whose replies stay at least 90% plausible.
 - generation: 16 prompts, exactly 48 new tokens each (min = max), with and without the edit, interleaved, through
   the same `generate` of transformers in both tools; tokens per second.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -39,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peerlib import (OUR_PYTHON, Pairs, Run, alternate, ensure_venv, fail, installed_version, load_average,  # noqa: E402
-                     print_pairs, ratio_row, run_json)
+                     print_pairs, ratio_row, recorded, run_json)
 
 from personaedit.fileio import write_json_atomic  # noqa: E402  (imports no torch)
 
@@ -47,8 +50,10 @@ REPENG = ["repeng==0.4.0", "transformers==5.24.0"]  # transformers as in persona
 PERSONAEDIT = str(OUR_PYTHON.parent / "personaedit")
 OUR_STRENGTHS = (0.5, 1.0, 1.5, 2.0)
 PEER_COEFFICIENTS = (1.0, 2.0, 4.0, 8.0)
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 40  # as the effect table of docs/BENCHMARKS.md (benchmarks/effect_table.py)
 PLAUSIBLE_SHARE = 0.9
+COHERENT_SHARE = 0.9  # calibrate's: replies coherent by n-gram entropy (eval.metrics.is_coherent)
+PERPLEXITY_BUDGET = 1.5  # calibrate's budget: the edited replies' perplexity over the unedited ones'
 TEMPLATE = "Act as if you're extremely {persona}."
 POSITIVE, NEGATIVE = ["extraverted, outgoing and talkative"], ["introverted, reserved and quiet"]
 SUFFIX_TEXTS, SUFFIX_TOKENS = 16, 12
@@ -172,12 +177,14 @@ elif args["mode"] == "throughput":
                 rates[name].append(len(args["prompts"]) * args["new_tokens"] / (time.perf_counter() - start))
     print(json.dumps(rates))
 else:  # score both tools' replies
+    from personaedit.eval.metrics import is_coherent
     from personaedit.eval.text_judge import TextJudge
     judge, questions, result = TextJudge.load(), args["questions"], {}
     for tool, by_strength in args["replies"].items():
         base = by_strength["0"] if "0" in by_strength else by_strength["0.0"]
         base_score = [s["extraversion"] for s in judge.score(base)]
         base_ppl = readings.reply_perplexities(lm, questions, base)
+        base_coherent = sum(map(is_coherent, base)) / len(base)
         rows = []
         for key, replies in by_strength.items():
             strength = float(key)
@@ -188,6 +195,7 @@ else:  # score both tools' replies
             cost = paired_effect([math.log(p) for p in base_ppl], [math.log(p) for p in ppl])
             rows.append({"strength": strength, "effect": effect.to_dict(),
                          "log_ppl_change": cost.to_dict(), "plausible": sum(map(readings.plausible, ppl)) / len(ppl),
+                         "coherent": sum(map(is_coherent, replies)) / len(replies), "base_coherent": base_coherent,
                          "median_ppl": statistics.median(ppl), "mean_score": statistics.fmean(scores)})
         result[tool] = rows
     print(json.dumps(result))
@@ -198,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="A B pairs of the fit (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved throughput repeats (default 3)")
-    parser.add_argument("--neutral", type=int, default=4, help="neutral test questions besides the 20 extraversion ones")
+    parser.add_argument("--neutral", type=int, default=20, help="neutral test questions besides the 20 extraversion ones")
     parser.add_argument("--peer-coefficients", default=",".join(map(str, PEER_COEFFICIENTS)))
     parser.add_argument("--strengths", default=",".join(map(str, OUR_STRENGTHS)))
     parser.add_argument("--work", type=Path, default=None)
@@ -212,7 +220,11 @@ def main() -> None:
         fail("--peer-coefficients and --strengths are comma-separated numbers")
     if args.pairs < 1 or min(coefficients + strengths) <= 0:
         fail("--pairs >= 1; strengths and coefficients > 0 (the low pole is their negation)")
+    with recorded("repeng_vs"):
+        compare(args, strengths, coefficients)
 
+
+def compare(args: argparse.Namespace, strengths: list[float], coefficients: list[float]) -> None:
     peer_python = ensure_venv("repeng", REPENG)
     work = args.work or Path(tempfile.mkdtemp(prefix="repeng-vs-"))
     try:
@@ -260,7 +272,7 @@ def main() -> None:
         scored = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "score", "edit": str(ours_dir), "replies": replies,
                                                          "questions": inputs["questions"]}))
         write_json_atomic(work / "scored.json", scored)
-        best = report_effects(scored)
+        report_effects(scored)
 
         middle = strengths[len(strengths) // 2 - 1], coefficients[len(coefficients) // 2 - 1]
         ours_rate = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "throughput", "edit": str(ours_dir), "strength": middle[0],
@@ -272,15 +284,7 @@ def main() -> None:
                                                             "prompts": inputs["throughput_prompts"],
                                                             "repeats": args.repeats}))
         report_throughput(ours_rate, peer_rate, middle)
-        for pole, (ours_best, peer_best) in best.items():
-            if ours_best is None or peer_best is None:
-                print(f"{pole}: no strength of {'ours' if ours_best is None else 'repeng'} kept >= {PLAUSIBLE_SHARE:.0%} "
-                      "plausible replies: no comparison at equal coherence")
-                continue
-            ok = ours_best["effect"]["mean"] > peer_best["effect"]["mean"]
-            print(f"{f'extraversion {pole}: largest effect at >= {PLAUSIBLE_SHARE:.0%} plausible, ours vs repeng':<58} "
-                  f"{ours_best['effect']['mean']:+.3f} vs {peer_best['effect']['mean']:+.3f}   target ours larger "
-                  f"{'met' if ok else 'NOT MET'}")
+        compare_at_equal_coherence(scored)
         print(f"load average at the end: {load_average()}")
     finally:
         if args.work is None:
@@ -298,24 +302,52 @@ def cold_cache(real: Path, folder: Path) -> Path:
     return folder
 
 
-def report_effects(scored: dict) -> dict[str, tuple[dict | None, dict | None]]:
-    """Print every strength's effect and coherence; return each pole's best row at equal coherence per tool."""
-    best: dict[str, list[dict | None]] = {"high": [None, None], "low": [None, None]}
-    for column, (tool, rows) in enumerate(scored.items()):
-        print(f"{tool}: strength | extraversion effect towards the pole [95%] n | log-perplexity change [95%] | "
-              "plausible | median reply perplexity")
+def report_effects(scored: dict) -> None:
+    """Print every strength's effect and coherence."""
+    for tool, rows in scored.items():
+        print(f"{tool}: strength | extraversion effect towards the pole [95%] n | log-perplexity change [95%] "
+              "(perplexity x) | coherent | plausible | median reply perplexity")
         for row in sorted(rows, key=lambda r: r["strength"]):
             e, c = row["effect"], row["log_ppl_change"]
             print(f"    {row['strength']:+5.1f} | {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] {e['n']} "
-                  f"({e['verdict']}) | {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {row['plausible']:.0%} | "
-                  f"{row['median_ppl']:.1f}")
-            if row["strength"] == 0 or row["plausible"] < PLAUSIBLE_SHARE:
+                  f"({e['verdict']}) | {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] ({math.exp(c['mean']):.2f}) "
+                  f"| {row['coherent']:.0%} | {row['plausible']:.0%} | {row['median_ppl']:.1f}")
+
+
+# "Equal coherence", read two ways: within `personaedit calibrate`'s budget (the base model's perplexity of the
+# edited replies, geometric mean, <= 1.5x that of the unedited replies, and >= 90% of replies coherent by n-gram
+# entropy, or the unedited share where that is lower), or, looser, >= 90% of replies plausible (perplexity <= 50).
+BUDGETS = {
+    f"calibrate's budget (perplexity x <= {PERPLEXITY_BUDGET:g}, coherent >= {COHERENT_SHARE:.0%})":
+        lambda row: (math.exp(row["log_ppl_change"]["mean"]) <= PERPLEXITY_BUDGET
+                     and row["coherent"] >= min(COHERENT_SHARE, row["base_coherent"])),
+    f">= {PLAUSIBLE_SHARE:.0%} plausible": lambda row: row["plausible"] >= PLAUSIBLE_SHARE,
+}
+
+
+def best_within(rows: list[dict], pole: str, within) -> dict | None:
+    """The row of the pole's strengths with the largest effect among those within the coherence budget."""
+    kept = [r for r in rows if r["strength"] != 0 and (r["strength"] > 0) == (pole == "high") and within(r)]
+    return max(kept, key=lambda r: r["effect"]["mean"], default=None)
+
+
+def compare_at_equal_coherence(scored: dict) -> None:
+    """Per pole and budget: each tool's largest effect within it, and the target (ours larger)."""
+    (_, ours), (_, peer) = scored.items()
+    for budget, within in BUDGETS.items():
+        for pole in ("high", "low"):
+            found = best_within(ours, pole, within), best_within(peer, pole, within)
+            name = f"extraversion {pole}, largest effect at {budget}"
+            if None in found:
+                missing = "ours" if found[0] is None else "repeng"
+                print(f"{name}: no strength of {missing} stays within it: no comparison at equal coherence")
                 continue
-            pole = "high" if row["strength"] > 0 else "low"
-            current = best[pole][column]
-            if current is None or row["effect"]["mean"] > current["effect"]["mean"]:
-                best[pole][column] = row
-    return {pole: (rows[0], rows[1]) for pole, rows in best.items()}
+            (o, p) = found
+            ok = o["effect"]["mean"] > p["effect"]["mean"]
+            value = (f"ours {o['effect']['mean']:+.3f} [{o['effect']['low']:+.3f}, {o['effect']['high']:+.3f}] at "
+                     f"{o['strength']:g} vs repeng {p['effect']['mean']:+.3f} [{p['effect']['low']:+.3f}, "
+                     f"{p['effect']['high']:+.3f}] at {p['strength']:g}")
+            print(f"{name:<58} {value}   target ours larger {'met' if ok else 'NOT MET'}")
 
 
 def report_throughput(ours: dict, peer: dict, middle: tuple[float, float]) -> None:
