@@ -88,8 +88,25 @@ def test_coherence_budget_gives_way_to_a_less_coherent_unedited_model():
 def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_middle(lm):
     options, strengths = search_space("dpnle", lm)
     assert options == [{"layers": "0-1"}, {"layers": "1-2"}] and strengths == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
-    with pytest.raises(PersonaEditError, match="steer, npti, dpnle"):
-        search_space("palette", lm)
+    with pytest.raises(PersonaEditError, match="steer, npti, dpnle, palette"):
+        search_space("rome", lm)
+
+
+def test_a_weight_edit_is_calibrated_by_strength_and_its_update_scales_with_it(lm, monkeypatch):
+    """palette: one fit, its summed update tried at fractions; the calibrated edit is that fit at the chosen one."""
+    tiny = {"queries": 2, "steps": 2, "prefixes": 0}
+    real = calibration.fit_edit
+    monkeypatch.setattr(calibration, "fit_edit", lambda name, lm, persona, **o: real(name, lm, persona, **{**tiny, **o}))
+    persona = Persona.parse("extraversion=low")
+    result = calibrate(lm, "palette", persona, FakeJudge(), budget=Budget(50.0, 0.0), use_cache=False, **FAST)
+    assert [t["strength"] for t in result["trials"]] == [0.25, 0.5, 0.75, 1.0]
+    edit = calibrated_edit(lm, "palette", persona, result, **tiny)
+    plain = fit_edit("palette", lm, persona, **tiny)
+    ids = torch.randint(3, 300, (1, 6))
+    with edit.apply(lm), torch.no_grad():
+        calibrated_logits = lm.model(ids).logits
+    with plain.apply(lm, result["chosen"]["strength"]), torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, calibrated_logits)
 
 
 def test_info_shows_the_calibration(lm, steer_options, tmp_path, capsys):

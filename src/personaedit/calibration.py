@@ -1,4 +1,5 @@
-"""Per-model calibration of an activation method: its layers and strength, chosen on validation questions.
+"""Per-model calibration of an activation method's layers and strength, or a weight edit's strength, chosen on
+validation questions.
 
 The papers tuned their layers and strengths on 1.5–8B models; on another model the same numbers can do
 nothing or wreck the text. For each candidate setting (a method-specific set of fit options × strengths) the
@@ -37,7 +38,7 @@ from personaedit.models.loading import cache_dir
 from personaedit.persona import BIG_FIVE, Persona
 from personaedit.progress import Stage
 
-CALIBRATED = ("steer", "npti", "dpnle")
+CALIBRATED = ("steer", "npti", "dpnle", "palette")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], li
         n = lm.arch.num_layers  # reference's 1, since a small model's neurons move less text per unit
         ranges = {f"{default_layers(n)[0]}-{n - 1}", f"{n // 4}-{max(n // 4, round(n * 3 / 4) - 1)}"}
         return [{"layers": r} for r in sorted(ranges)], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    if method == "palette":  # its layer and queries follow the paper; the rank-one updates' sum is scaled down
+        return [{}], [0.25, 0.5, 0.75, 1.0]  # where a model's text breaks at the full update (Gemma-3-270M)
     raise PersonaEditError(f"calibrate supports {', '.join(CALIBRATED)}; {method!r} has no layer or strength to "
                            "search")
 

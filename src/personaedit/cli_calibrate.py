@@ -1,5 +1,5 @@
-"""`personaedit calibrate METHOD`: choose an activation method's layers and strength for a model on validation
-questions (see `personaedit.calibration`). Registered on the main app by `register`."""
+"""`personaedit calibrate METHOD`: choose an activation method's layers and strength, or a weight edit's strength,
+for a model on validation questions (see `personaedit.calibration`). Registered on the main app by `register`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from personaedit.cli_shared import MODEL_HELP, err, load, status, stdout
 
 
 def calibrate(
-    method: str = typer.Argument(..., help="steer | npti | dpnle"),
+    method: str = typer.Argument(..., help="steer | npti | dpnle | palette"),
     persona: str = typer.Option(..., "--persona", "-p", help="e.g. extraversion=high"),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also fit the chosen setting and save the edit here."),
@@ -26,7 +26,8 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace an edit already in --out."),
 ) -> None:
-    """Try a method's layers and strengths on validation questions; pick the largest trait effect within budget."""
+    """Try a method's layers and strengths (palette: its update's strength) on validation questions; pick the largest
+    trait effect within budget."""
     from personaedit.calibration import CALIBRATED, Budget
     from personaedit.errors import PersonaEditError
     from personaedit.persona import Persona
