@@ -32,13 +32,13 @@ from personaedit.eval.metrics import is_coherent
 from personaedit.eval.readings import reply_perplexities
 from personaedit.fileio import write_json_atomic
 from personaedit.methods.dpnle import default_layers
-from personaedit.methods.registry import fit_edit
+from personaedit.methods.registry import METHODS, fit_edit
 from personaedit.models import LoadedModel, generate
 from personaedit.models.loading import cache_dir
 from personaedit.persona import BIG_FIVE, Persona
 from personaedit.progress import Stage
 
-CALIBRATED = ("steer", "npti", "dpnle", "palette")
+CALIBRATED = tuple(m.name for m in METHODS if m.calibrated)
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,10 @@ def _edit_command(name: str):
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--force", help="Replace an edit already in --out.")),
     ]
-    if chosen.family == "activation":
+    if chosen.calibrated:
         params.append(inspect.Parameter("calibrate", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--calibrate", help="Choose layers and strength for this model on validation questions first "
+            False, "--calibrate", help="Choose layers and strength (a weight edit: strength) for this model on "
+                                       "validation questions first "
                                        "(`personaedit calibrate`; cached); strength 1 then means the chosen one.")))
     helps = chosen.option_help()
     for option, param in method_options.items():

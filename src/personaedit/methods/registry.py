@@ -20,6 +20,7 @@ from personaedit.methods import dpnle, ike, memit, mend, npti, palette, prompt, 
 from personaedit.methods.options import group_options, is_group
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Method:
     pretty_name: str
     reference: str  # the paper (and reference code) the method follows
     persona_alone: bool = True  # False: fitting also needs a query or topic (rome, mend, serac)
+    calibrated: bool = False  # `personaedit calibrate` chooses its setting per model (calibration.search_space)
 
     @property
     def summary(self) -> str:
@@ -97,16 +99,19 @@ METHODS: tuple[Method, ...] = (
            "a PersonalityEdit baseline (Mao et al., Editing Personality for LLMs)"),
     Method("steer", "activation", steer.fit, "Mean-difference steering (CAA / ActAdd)",
            "Rimsky et al. 2023, Steering Llama 2 via Contrastive Activation Addition; "
-           "Turner et al. 2023, Activation Addition"),
+           "Turner et al. 2023, Activation Addition", calibrated=True),
     Method("npti", "activation", npti.fit, "NPTI (neuron-based personality trait induction)",
-           "Deng et al. 2024, Neuron-based Personality Trait Induction in Large Language Models; code RUCAIBox/NPTI"),
+           "Deng et al. 2024, Neuron-based Personality Trait Induction in Large Language Models; code RUCAIBox/NPTI",
+           calibrated=True),
     Method("dpnle", "activation", dpnle.fit, "DPN-LE (dual personality neuron localization and editing)",
-           "DPN-LE: Dual Personality Neuron Localization and Editing for Large Language Models; code Z1ivan/DPN-LE"),
+           "DPN-LE: Dual Personality Neuron Localization and Editing for Large Language Models; code Z1ivan/DPN-LE",
+           calibrated=True),
     Method("rome", "weight", rome.fit, "ROME (r-ROME core)",
            "Meng et al. 2022, Locating and Editing Factual Associations in GPT; "
            "Gupta et al. 2024, Rebuilding ROME", persona_alone=False),
     Method("palette", "weight", palette.fit, "PALETTE (adjustment queries)",
-           "Personality Editing for Language Models through Adjusting Self-Referential Queries, arXiv:2502.11789"),
+           "Personality Editing for Language Models through Adjusting Self-Referential Queries, arXiv:2502.11789",
+           calibrated=True),
     Method("memit", "weight", memit.fit, "MEMIT (multi-layer batch edit)",
            "Meng et al. 2023, Mass-Editing Memory in a Transformer"),
     Method("mend", "weight", mend.fit, "MEND (gradient-decomposition editor)",
@@ -130,7 +135,7 @@ def get_method(name: str) -> Method:
 
 
 def fit_edit(name: str, lm: LoadedModel, persona: Persona | str, *,
-             on_progress: Callable[[int, int], None] | None = None, **options: Any) -> Edit:
+             on_progress: Progress | None = None, **options: Any) -> Edit:
     """Fit method `name` for `persona` on `lm` with flat `options`. The edit records every option's value,
     defaults included, under what the fit itself recorded (the values it resolved, how it went)."""
     chosen = get_method(name)
