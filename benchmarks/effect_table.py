@@ -30,7 +30,7 @@ from personaedit.methods import fit_edit
 from personaedit.methods.palette import persona_requests
 from personaedit.models import generate, load_model
 from personaedit.models.loading import cache_dir
-from personaedit.persona import BIG_FIVE, Persona
+from personaedit.persona import BIG_FIVE, DIMENSIONS, Persona
 
 
 def fit_options(method: str, persona: Persona) -> dict:
@@ -56,7 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--methods", default="prompt,steer,npti,dpnle,palette")
-    parser.add_argument("--personas", default="extraversion=high,extraversion=low")
+    parser.add_argument("--personas", default="extraversion=high,extraversion=low",
+                        help="comma-separated specs, or 'every': each Big Five trait's and MBTI axis' two poles")
     parser.add_argument("--neutral", type=int, default=20, help="neutral test questions added to the trait's own")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--every-trait", action="store_true",
@@ -66,18 +67,25 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD=JSON",
                         help="fit METHOD with these options instead of calibrating it, e.g. dpnle='{\"scale\": 8}'")
+    parser.add_argument("--strength", action="append", default=[], metavar="METHOD=S",
+                        help="apply METHOD's edit (fitted, not calibrated) at strength S, e.g. steer=0.5")
     args = parser.parse_args()
     if args.table_only:
         print_table(args.out)
         return
 
     fixed = {m: json.loads(options) for m, _, options in (s.partition("=") for s in args.set)}
+    strengths = {m: float(s) for m, _, s in (s.partition("=") for s in args.strength)}
+    fixed.update({m: fixed.get(m, {}) for m in strengths})
     lm, judge = load_model(args.model), TextJudge.load()
     done = set()
     if args.out.exists():
         done = {(r["method"], r["persona"]) for r in map(json.loads, args.out.read_text().splitlines())}
     base_cache: dict[str, tuple[list[str], list[float]]] = {}
-    for spec in args.personas.split(","):
+    specs = args.personas.split(",")
+    if args.personas == "every":
+        specs = [Persona(((name, level),)).spec() for name in DIMENSIONS for level in (1.0, -1.0)]
+    for spec in specs:
         persona = Persona.parse(spec)
         asked = test_questions(persona, args.neutral, args.every_trait)
         for method in args.methods.split(","):
@@ -100,7 +108,7 @@ def main() -> None:
             else:
                 edit = fit_edit(method, lm, persona, **fit_options(method, persona), **fixed.get(method, {}))
             fit_seconds = time.perf_counter() - started
-            with edit.apply(lm):
+            with edit.apply(lm, strengths.get(method, 1.0)):
                 replies = generate(lm, asked, max_new_tokens=args.max_new_tokens)
             base_towards = [persona.towards(s) for s in judge.score(base_replies)]
             towards = [persona.towards(s) for s in judge.score(replies)]
@@ -111,6 +119,7 @@ def main() -> None:
                 "base_coherent_share": sum(map(is_coherent, base_replies)) / len(base_replies),
                 "perplexity_ratio": geometric_mean(reply_perplexities(lm, asked, replies)) / geometric_mean(base_ppl),
                 "fit_seconds": round(fit_seconds, 1), "options": fixed.get(method),
+                "strength": strengths.get(method, 1.0),
                 "calibration": None if calibration is None else calibration["chosen"],
                 "calibration_trials": None if calibration is None else calibration["trials"],
                 "samples": [{"question": q, "base": b, "edited": r} for q, b, r in list(zip(asked, base_replies, replies))[:3]],
@@ -157,6 +166,8 @@ def print_table(path: Path) -> None:
         chosen = r.get("calibration")
         setting = json.dumps(r["options"]) if r.get("options") else "defaults" if chosen is None else \
             f"strength {chosen['strength']:g} {json.dumps(chosen['options']) if chosen['options'] else ''}".strip()
+        if r.get("strength", 1.0) != 1.0:
+            setting = f"strength {r['strength']:g} (not calibrated)" + ("" if setting == "defaults" else f" {setting}")
         print(f"| {r['method']} | {r['persona']} | {e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] | {e['verdict']} "
               f"| {r['coherent_share']:.0%} | {r['perplexity_ratio']:.2f} | {setting} |")
     print_calibrations(rows)
