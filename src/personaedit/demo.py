@@ -9,7 +9,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from personaedit.calibration import CALIBRATED, calibrated_edit, stored
 from personaedit.data import records
@@ -19,6 +19,7 @@ from personaedit.methods import fit_edit
 from personaedit.methods.registry import all_methods
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Persona
+from personaedit.progress import Stage
 
 # Method -> fit options that keep the demo within a few minutes on a laptop CPU (fits are cached on disk
 # where the method caches its activations; the method's own defaults apply to everything not named here).
@@ -67,7 +68,7 @@ def run_demo(
     methods: dict[str, dict[str, Any]] | None = None,
     judge: Any = None,
     max_new_tokens: int = 48,
-    on_step: Callable[[str], None] | None = None,
+    on_step: Stage | None = None,
 ) -> DemoResult:
     """Answer `questions` with the plain model and under each available method's edit for `persona`."""
     from personaedit.eval.text_judge import TextJudge

@@ -4,7 +4,7 @@ each strength. The local backend runs this in the driver, the Ray backend in a w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from personaedit.bench.grid import Cell
 from personaedit.bench.measure import BenchSuite, measure_condition, neutral_prompts, peak_memory, towards
@@ -13,8 +13,8 @@ from personaedit.models.scoring import next_token_logprobs
 from personaedit.methods.registry import fit_edit
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import Stage
 
-Stage = Callable[[str], None]
 
 
 def fitted(lm: LoadedModel, cell: Cell, options: dict[str, Any], edits_dir: Path, on_stage: Stage):

@@ -10,7 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -20,8 +20,8 @@ from personaedit.eval import metrics
 from personaedit.models import LoadedModel, generate
 from personaedit.models.scoring import next_token_logprobs
 from personaedit.persona import BIG_FIVE, Persona, describe
+from personaedit.progress import Stage
 
-Stage = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from personaedit.bench.grid import Cell
 from personaedit.errors import PersonaEditError
+from personaedit.progress import Stage
 
 ATTEMPTS = 3
 CONNECT_TIMEOUT = 5.0
@@ -120,7 +121,7 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 def run_groups_on_ray(model_spec: str, groups: Sequence[Sequence[Cell]], suite: str, base: dict[str, Any],
                       edits_dir: Path, method_options: dict[str, dict[str, Any]], *,
                       on_failure: OnFailure = lambda keys, attempt, worker, error: None,
-                      on_stage: Callable[[str], None] = lambda _: None, attempts: int = ATTEMPTS,
+                      on_stage: Stage = lambda _: None, attempts: int = ATTEMPTS,
                       num_cpus: float = 1) -> Iterator[tuple[Cell, dict[str, Any]]]:
     """Submit one task per group (on the cluster `connect` joined, or a local one); yield finished cells as tasks
     complete. A failed task is reported to `on_failure` and submitted again until it has run `attempts` times;

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from personaedit.bench.cell import run_group
 from personaedit.bench.failures import FailureLog
@@ -19,8 +19,8 @@ from personaedit.faults import fault_point
 from personaedit.fileio import remove_stale_temporaries_in
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import LabelledProgress
 
-Progress = Callable[[int, int, str], None]
 BACKENDS = ("local", "ray")
 BASE = "base"
 
@@ -82,7 +82,7 @@ def run_bench(
     ray_address: str | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
     judge: Any = None,
-    on_progress: Progress | None = None,
+    on_progress: LabelledProgress | None = None,
 ) -> Path:
     """Run every missing cell of the grid into DIR/results.sqlite; returns the store's path.
 

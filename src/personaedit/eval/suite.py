@@ -24,7 +24,7 @@ from personaedit.errors import PersonaEditError
 from personaedit.models import LoadedModel, generate
 from personaedit.models.scoring import next_token_logprobs
 from personaedit.persona import BIG_FIVE, Persona, describe
-from personaedit.progress import StagedProgress
+from personaedit.progress import Progress, StagedProgress
 
 SCHEMA = "personaedit-eval"
 SCHEMA_VERSION = 2  # 2: effects (the effect protocol), capability, plausibility
@@ -106,7 +106,7 @@ def run_suite(
     neutral_prompts = [r["question"] for r in records("neutral_questions", "test")]
     persona = _edits_persona(edit)
 
-    def stage(name: str) -> Callable[[int, int], None]:
+    def stage(name: str) -> Progress:
         return lambda done, total: on_progress(name, done, total) if on_progress else None
 
     margin = readings.margin_items(list(persona.as_dict())) if persona else []
@@ -201,7 +201,7 @@ def _personalityedit(lm: LoadedModel, edit: Edit, persona: Persona | None, judge
 
 def _controllability(lm: LoadedModel, edit: Edit, persona: Persona, situational: list[str],
                      conditions: dict[str, Any], config: SuiteConfig, judge: Any, force: bool,
-                     stage: Callable[[str], Callable[[int, int], None]]) -> dict[str, Any]:
+                     stage: Callable[[str], Progress]) -> dict[str, Any]:
     """The score towards the persona per situational question at strengths 0, 1 and the config's others; rank
     and linear correlation with the strength over every (strength, question) point."""
     asked: list[int] = []  # indices into the situational questions: the first few of each trait

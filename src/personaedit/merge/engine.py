@@ -29,6 +29,7 @@ from personaedit.fileio import atomic_dir
 from personaedit.merge.config import MergeConfig, parse_size
 from personaedit.merge.methods import combine, get_merge_method, sparsifier
 from personaedit.merge.tensorfile import FLOAT_CODES, SafetensorsReader, SafetensorsWriter
+from personaedit.progress import Progress
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -229,7 +230,7 @@ def _refuse_foreign_output(out: Path, base_folder: Path) -> None:
         raise PersonaEditError(f"refusing to overwrite {out}: it exists and is not a personaedit merge output")
 
 
-def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optional[Callable[[int, int], None]] = None,
+def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optional[Progress] = None,
           block_elements: int = BLOCK_ELEMENTS) -> MergeResult:
     """Merge the config's vectors into its base and write a Hugging Face model folder to `out`.
     Tensors larger than `block_elements` are merged and written in blocks of rows (same result)."""

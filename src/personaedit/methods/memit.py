@@ -13,7 +13,6 @@ the reference configurations.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 
@@ -27,6 +26,7 @@ from personaedit.methods.palette import persona_requests
 from personaedit.methods.second_moment import second_moments
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import Progress
 
 
 def default_layers(num_layers: int, count: int = 5) -> list[int]:
@@ -43,7 +43,7 @@ def fit(
     mom2_weight: float = 15000.0,
     samples: int = 20000,
     value: ValueOptions = ValueOptions(),
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> WeightEdit:
     """Multi-layer batch edit (MEMIT) from the persona's adjustment queries.
 

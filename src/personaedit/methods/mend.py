@@ -10,7 +10,6 @@ The editor is trained once per model (`personaedit mend train`, see mend_trainin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from personaedit.data import records
 from personaedit.edits import BaseModelInfo, Delta, WeightEdit
@@ -21,6 +20,7 @@ from personaedit.methods.mend_editor import (TrainConfig, default_editor_dir, gr
 from personaedit.methods.mend_training import train_editor
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Dimension, Persona
+from personaedit.progress import Progress
 
 
 def target_text(lm: LoadedModel, dim: Dimension, level: float, topic: str) -> str:
@@ -44,7 +44,7 @@ def fit(
     text: str | None = None,
     editor: str | None = None,
     train: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> WeightEdit:
     """MEND: a trained hyper-network maps an edit example's gradient to a low-rank update of the last MLP layers.
 

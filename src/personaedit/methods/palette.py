@@ -19,8 +19,6 @@ perplexity rise (+2.8% vs +2.5%); see docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import contextlib
 
 import torch
@@ -33,6 +31,7 @@ from personaedit.methods.rank_one import as_delta, edit_request
 from personaedit.methods.value import ValueOptions
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import Progress
 
 MAX_QUERIES = 16
 
@@ -60,7 +59,7 @@ def fit(
     layer: int | None = None,
     protect: bool = True,
     value: ValueOptions = ValueOptions(),
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> WeightEdit:
     """Sequential r-ROME edits from self-referential adjustment queries (PALETTE).
 

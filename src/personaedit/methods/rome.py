@@ -8,8 +8,6 @@ the prompt after short random prefixes the model wrote itself; the value is opti
 
 from __future__ import annotations
 
-from typing import Callable
-
 from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import Request, check_layer, random_prefixes
@@ -18,6 +16,7 @@ from personaedit.methods.value import ValueOptions
 from personaedit.methods.second_moment import regularised_inverse, second_moments
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
+from personaedit.progress import Progress
 
 
 def fit(
@@ -31,7 +30,7 @@ def fit(
     covariance: bool = False,
     samples: int = 20000,
     value: ValueOptions = ValueOptions(),
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> WeightEdit:
     """Rank-one edit (r-ROME) making PROMPT about SUBJECT continue with TARGET; the persona is recorded.
 

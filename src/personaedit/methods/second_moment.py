@@ -8,7 +8,7 @@ situational questions, then `opinions` (first-person opinions on everyday topics
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +19,7 @@ from personaedit.fileio import atomic_path
 from personaedit.models.forward import left_pad, position_ids, run_until
 from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
+from personaedit.progress import Progress
 
 MAX_TOKENS_PER_TEXT = 256
 
@@ -43,7 +44,7 @@ def second_moments(
     *,
     batch_size: int = 8,
     use_cache: bool = True,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> dict[int, torch.Tensor]:
     """C for each layer's `down_proj` input from the first `samples` corpus tokens: float64 [mlp_size, mlp_size]."""
     if samples < 1:

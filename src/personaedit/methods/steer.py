@@ -11,8 +11,6 @@ coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in genera
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
@@ -20,6 +18,7 @@ from personaedit.methods.capture import ActivationOptions, capture_pairs
 from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
+from personaedit.progress import Progress
 
 
 def _separation(high: torch.Tensor, low: torch.Tensor) -> float:
@@ -35,7 +34,7 @@ def fit(
     pairs: int = 256,
     scale: float = 8.0,
     activation: ActivationOptions = ActivationOptions(),
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> ActivationEdit:
     """Mean-difference residual steering from contrastive persona pairs.
 

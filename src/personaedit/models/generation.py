@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from personaedit.errors import PersonaEditError
 from personaedit.models.forward import encode_prompts, ensure_pad_token
 from personaedit.models.loading import LoadedModel
+from personaedit.progress import Progress
 
 # End-of-turn markers of common chat templates; used as extra stop tokens when the vocabulary has them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -106,7 +107,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     repetition_penalty: float | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_batch: Progress | None = None,
 ) -> list[str]:
     """Replies to `prompts` (one user turn each), in order. Greedy unless `sample`; sampling is seeded.
     `repetition_penalty` (CTRL's, as in transformers) is off unless given."""

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from personaedit.data import records
 from personaedit.data.external import load_big5_chat
@@ -20,6 +20,7 @@ from personaedit.faults import fault_point
 from personaedit.fileio import append_line_durably, write_text_atomic
 from personaedit.models import LoadedModel, generate
 from personaedit.persona import Persona, describe
+from personaedit.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def distill(
     prompt_strength: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
     partial: Path | None = None,
     shard: tuple[int, int] = (0, 1),
     reuse: Sequence[Path] = (),

@@ -16,7 +16,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -28,6 +27,7 @@ from personaedit.merge.engine import BLOCK_ELEMENTS, Checkpoint, loaded_names, m
 from personaedit.merge.tensorfile import DTYPES, FLOAT_CODES, SafetensorsWriter
 from personaedit.models.arch import Architecture
 from personaedit.persona import Persona
+from personaedit.progress import Progress
 
 STORE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _SIZES = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -114,7 +114,7 @@ def checkpoint_fingerprint(model: torch.nn.Module, checkpoint: Checkpoint, keys:
 
 
 def vector_from_finetune(base: str, finetuned: str, out: str | Path, *, dtype: str = "float32", persona: str | None = None,
-                         block_elements: int = BLOCK_ELEMENTS, on_progress: Callable[[int, int], None] | None = None
+                         block_elements: int = BLOCK_ELEMENTS, on_progress: Progress | None = None
                          ) -> FinetuneVector:
     """Write φ = θ_finetuned − θ_base into `out` as a personality vector (deltas stored as `dtype`)."""
     from personaedit.export.base import size_of, skeleton
