@@ -159,6 +159,22 @@ def test_every_option_of_every_method_has_help():
     assert "own reply under the persona prompt" in get_method("mend").option_help()["text"]
 
 
+def test_vector_train_flags_are_the_train_options(capsys):
+    import dataclasses
+
+    import typer
+
+    from personaedit.cli import app
+    from personaedit.vectors.options import TrainOptions
+
+    train = typer.main.get_command(app).commands["vector"].commands["train"]
+    flags = {opt for param in train.params for opt in param.opts}
+    fields = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainOptions)} - {"--learning-rate"}
+    assert fields | {"--lr", "--persona", "--out", "--model", "--device", "-p", "-o", "-m"} == flags
+    code, _, err = run(["vector", "train", "--persona", "extraversion=high", "--out", "x", "--batch-size", "0"], capsys)
+    assert code == 2 and "--batch-size" in err
+
+
 def test_help_does_not_import_torch():
     """`personaedit --help` answers without loading torch (the method commands load it when `edit` is used)."""
     probe = ("import sys; from personaedit.cli import main\n"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from personaedit.edits import load_edit
 from personaedit.fileio import atomic_dir, atomic_path, remove_stale_temporaries
-from personaedit.vectors.train import checkpoint_complete
+from personaedit.vectors.folder import checkpoint_complete
 from test_loading import save_tiny
 from test_merge import make_vector, save_model
 

@@ -29,7 +29,9 @@ from personaedit.models.loading import pick_device
 from personaedit.vectors import train_vector
 from personaedit.persona import Persona
 from personaedit.vectors.distill import distill
-from personaedit.vectors.train import _trainable_copy, checkpoint_complete, dense_deltas, lora_deltas
+from personaedit.vectors.deltas import dense_deltas, lora_deltas
+from personaedit.vectors.folder import checkpoint_complete
+from personaedit.vectors.train import _trainable_copy
 from test_loading import save_tiny
 from tiny import tiny_lm
 

@@ -9,6 +9,7 @@ import torch
 from personaedit.edits import WeightEdit, load_edit
 from personaedit.errors import InputFileError, PersonaSpecError
 from personaedit.vectors import train_vector
+from personaedit.vectors import folder as folder_module
 from personaedit.vectors import train as train_module
 from personaedit.vectors.distill import Example, load_examples, reply_ended, save_examples
 from personaedit.vectors.train import encode_example
@@ -183,15 +184,15 @@ def test_incomplete_checkpoints_are_skipped_and_removed(tmp_path):
     with pytest.raises(Stop):
         train_vector(lm, "extraversion=high", out, lora_rank=4, on_progress=stop_at_five, **SETTINGS)
     checkpoints = out / "checkpoints"
-    assert train_module.checkpoint_complete(checkpoints / "checkpoint-4")
+    assert folder_module.checkpoint_complete(checkpoints / "checkpoint-4")
     (checkpoints / "checkpoint-6").mkdir()  # killed as the folder was made
     shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-5")  # killed after the weights
-    for name in ("optimizer.pt", "trainer_state.json", train_module.CHECKPOINT_MARKER):
+    for name in ("optimizer.pt", "trainer_state.json", folder_module.CHECKPOINT_MARKER):
         (checkpoints / "checkpoint-5" / name).unlink()
     shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-7")  # a file cut short after the marker
     weights = next((checkpoints / "checkpoint-7").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    assert not any(train_module.checkpoint_complete(checkpoints / f"checkpoint-{n}") for n in (5, 6, 7))
+    assert not any(folder_module.checkpoint_complete(checkpoints / f"checkpoint-{n}") for n in (5, 6, 7))
     (out / ".staged-vector").mkdir()  # a vector being saved when the run was killed
     resumed = train_vector(lm, "extraversion=high", out, lora_rank=4, **SETTINGS)
     assert resumed.resumed_from == 4 and resumed.steps == 6
@@ -201,10 +202,10 @@ def test_incomplete_checkpoints_are_skipped_and_removed(tmp_path):
                               delta.materialise(torch.device("cpu")), atol=1e-5)
     # a checkpoint from before the completion marker counts when its trainer state reads whole
     last = checkpoints / "checkpoint-6"
-    (last / train_module.CHECKPOINT_MARKER).unlink()
-    assert train_module.checkpoint_complete(last)
+    (last / folder_module.CHECKPOINT_MARKER).unlink()
+    assert folder_module.checkpoint_complete(last)
     (last / "trainer_state.json").write_text('{"global_st')
-    assert not train_module.checkpoint_complete(last)
+    assert not folder_module.checkpoint_complete(last)
 
 
 def test_distillation_resumes_from_the_batches_already_made(tmp_path, monkeypatch):

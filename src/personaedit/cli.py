@@ -18,7 +18,8 @@ from personaedit.cli_edit import edit_app, info, mend_app, register_edit_command
 from personaedit.cli_eval import demo, evaluate
 from personaedit.cli_judge import judge_app
 from personaedit.cli_serve import serve
-from personaedit.cli_shared import MODEL_HELP, err, escape, load, load_edits, progress, staged, status, stdout
+from personaedit.cli_shared import MODEL_HELP, err, escape, load, load_edits, progress, status, stdout
+from personaedit.cli_vector import vector_app
 from personaedit.errors import InputFileError, PersonaEditError
 from personaedit.preflight import check_device, check_dtype, check_output_path
 
@@ -109,8 +110,6 @@ app.command()(info)
 app.add_typer(judge_app, name="judge")
 
 
-vector_app = typer.Typer(help="Personality vectors: weight-space deltas of a fine-tune (train, info).",
-                         no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(vector_app, name="vector")
 
 from personaedit.cli_export import register as _register_export_commands  # noqa: E402 - `export`, `vector from-finetune`
@@ -120,114 +119,6 @@ _register_export_commands(app, vector_app)
 from personaedit.cli_calibrate import register as _register_calibrate  # noqa: E402 - `calibrate`
 
 _register_calibrate(app)
-
-
-@vector_app.command("info")
-def vector_info(
-    vectors: List[Path] = typer.Argument(..., help="One or more personality vector folders."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summaries and the cosine matrix as JSON."),
-) -> None:
-    """Norm per layer of each vector and, for several, the cosine similarity between them."""
-    from personaedit.merge import cosine_matrix, summarise
-
-    summaries = [summarise(path) for path in vectors]
-    cosine = cosine_matrix(vectors) if len(vectors) > 1 else None
-    if as_json:
-        rows = [{**s.__dict__, "path": str(s.path)} for s in summaries]
-        stdout.print(json.dumps({"vectors": rows, "cosine": cosine}, indent=2), markup=False)
-        return
-    labels = [f"#{i + 1}" for i in range(len(summaries))]
-    for label, s in zip(labels, summaries):
-        persona = ",".join(f"{k}={v:+g}" for k, v in (s.persona or {}).items()) or "-"
-        stdout.print(f"{label} {s.path}  persona {persona}  made for {s.made_for or '-'}  "
-                     f"{s.parameters} parameters ({s.low_rank} low-rank)  norm {s.norm:.4g}", markup=False)
-    table = Table("layer", *labels, title="norm per layer")
-    for layer in dict.fromkeys(k for s in summaries for k in s.layer_norms):
-        table.add_row(layer, *(f"{s.layer_norms[layer]:.4g}" if layer in s.layer_norms else "-" for s in summaries))
-    stdout.print(table)
-    if cosine is not None:
-        matrix = Table("cosine", *labels)
-        for label, row in zip(labels, cosine):
-            matrix.add_row(label, *(f"{value:+.3f}" for value in row))
-        stdout.print(matrix)
-
-
-@vector_app.command("train")
-def vector_train(
-    persona: str = typer.Option(..., "--persona", "-p", help="e.g. extraversion=high"),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the vector; re-running resumes from its checkpoints."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    big5_chat: Optional[Path] = typer.Option(None, "--big5-chat", help="Train on this Big5-Chat CSV instead of distilled answers."),
-    limit: int = typer.Option(64, "--limit", min=0, help="Training questions (or Big5-Chat rows) to use; 0 = all."),
-    samples_per_question: int = typer.Option(1, "--samples-per-question", min=1, help="Distilled answers per question."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of distilled answers."),
-    prompt_strength: float = typer.Option(1.5, "--prompt-strength", help="Persona prompt strength for distillation."),
-    lora_rank: int = typer.Option(8, "--lora-rank", min=0, help="LoRA rank; 0 = full fine-tuning (dense vector)."),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
-    target_modules: str = typer.Option("all-linear", "--target-modules", help="peft target modules (LoRA)."),
-    epochs: float = typer.Option(2.0, "--epochs", min=0.0),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Default 2e-3 (LoRA) or 2e-5 (full)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    grad_accumulation: int = typer.Option(1, "--grad-accumulation", min=1),
-    max_length: int = typer.Option(256, "--max-length", min=8, help="Tokens per example (question + answer)."),
-    save_steps: int = typer.Option(10, "--save-steps", min=1, help="Checkpoint every N optimiser steps."),
-    seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | mps (default: best available)."),
-) -> None:
-    """Fine-tune on dialogue in one persona (LoRA or full) and save φ = θ_ft − θ_base as a weight edit.
-
-    Under `accelerate launch` every process trains (DDP; FSDP / DeepSpeed from accelerate's config) on its own
-    device; --batch-size is the global batch; rank 0 alone prints progress and writes the vector."""
-    from contextlib import nullcontext
-
-    from torch import device as torch_device
-
-    from personaedit import distributed
-    from personaedit.persona import Persona
-    from personaedit.vectors import train_vector
-
-    target = Persona.parse(persona)
-    check_device(device)
-    check_output_path(out, folder=True)
-    if big5_chat is not None and not big5_chat.is_file():
-        raise InputFileError(f"--big5-chat {big5_chat}: no such file")
-    processes, main = distributed.world_size(), distributed.is_main()
-    if batch_size % processes:
-        raise PersonaEditError(f"--batch-size {batch_size} is the global batch: it must split evenly over the {processes} "
-                               "processes the launcher started")
-    if distributed.single_cpu_process_of_many():
-        err.print("note: `accelerate launch --cpu` started one process (it starts more only with --mpirun_hostfile); for "
-                  "N CPU processes here: CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N ...",
-                  markup=False)
-    if processes == 1:
-        lm = load(model, device)
-    else:  # join the launcher's process group; rank 0 loads first when a GGUF file is converted into the cache
-        from personaedit.models import load_model
-        from personaedit.models.loading import NAMED_MODELS, pick_device
-
-        distributed.start(cpu=pick_device(device).type == "cpu")
-        converts = model in NAMED_MODELS or model.endswith(".gguf")
-        with status(f"loading {model} in {processes} processes") if main else nullcontext():
-            lm = distributed.in_turn(lambda: load_model(model, device=device)) if converts else load_model(model, device=device)
-    with progress() if main else nullcontext() as bars:
-        on_progress = staged(bars) if main else None
-
-        trained = train_vector(
-            lm, target, out, big5_chat=big5_chat, limit=limit, samples_per_question=samples_per_question,
-            max_new_tokens=max_new_tokens, prompt_strength=prompt_strength, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            target_modules=target_modules, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-            grad_accumulation=grad_accumulation, max_length=max_length, save_steps=save_steps, seed=seed,
-            on_progress=on_progress,
-        )
-    if not main:
-        return
-    if all(float(delta.materialise(torch_device("cpu")).abs().max()) == 0 for delta in trained.edit.deltas.values()):
-        err.print("warning: the vector is all zeros: training changed nothing (too few steps, or a learning rate of 0); "
-                  "it will not change the model", markup=False)
-    resumed = f", resumed at step {trained.resumed_from}" if trained.resumed_from else ""
-    loss = f", loss {trained.train_loss:.3f}" if trained.train_loss is not None else ""
-    err.print(f"saved personality vector ({target.spec()}, {len(trained.edit.deltas)} parameters, {trained.examples} "
-              f"examples, {trained.steps} steps{resumed}{loss}, {trained.seconds:.0f} s training) to {out}")
 
 
 @app.command("merge")

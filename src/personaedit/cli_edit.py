@@ -10,25 +10,15 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from personaedit.cli_shared import MODEL_HELP, err, escape, load, progress, stdout
+from personaedit.cli_shared import MODEL_HELP, err, escape, flag_parameter, load, progress, stdout
 from personaedit.errors import InputFileError
+from personaedit.option_groups import flag_of
 from personaedit.preflight import check_device, check_output_path
 
 edit_app = typer.Typer(help="Fit an edit with a method and save it: personaedit edit METHOD --persona SPEC --out DIR.",
                        no_args_is_help=True, pretty_exceptions_enable=False)
 mend_app = typer.Typer(help="Train the MEND editor of a model (used by `personaedit edit mend`).",
                        no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-def _option_type(annotation: Any) -> Any:
-    """`int | None` -> Optional[int], which typer understands on every Python version."""
-    import types
-    import typing
-
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return Optional[args[0]]
-    return annotation
 
 
 def _edit_command(name: str):
@@ -82,11 +72,8 @@ def _edit_command(name: str):
                                        "validation questions first "
                                        "(`personaedit calibrate`; cached); strength 1 then means the chosen one.")))
     helps = chosen.option_help()
-    for option, param in method_options.items():
-        flag = "--" + option.replace("_", "-")
-        params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(param.annotation),
-                                        default=typer.Option(... if param.default is inspect.Parameter.empty else param.default,
-                                                             flag, help=helps.get(option))))
+    params += [flag_parameter(option, param.annotation, param.default, helps.get(option), flag_of(option))
+               for option, param in method_options.items()]
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = f"{chosen.pretty_name}: {chosen.summary}\n\nReference: {chosen.reference}."
     return command

@@ -7,6 +7,7 @@ cli.py can register them without an import circle.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, List, Optional
 
@@ -65,13 +66,13 @@ def load(model: str, device: Optional[str] = None, dtype: Optional[str] = None, 
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def load_edits(options: List[str]):
+def load_edits(specs: List[str]):
     """The edits of repeated `--edit DIR[:STRENGTH]` options, composed; None without any."""
     from personaedit.edits import ComposedEdit, load_edit
 
-    if not options:
+    if not specs:
         return None
-    parsed = [parse_edit_option(o) for o in options]
+    parsed = [parse_edit_option(spec) for spec in specs]
     edits = [load_edit(folder) for folder, _ in parsed]
     return ComposedEdit.of(*edits, weights=[s for _, s in parsed])
 
@@ -81,3 +82,26 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
+
+
+def option_type(annotation: Any) -> Any:
+    """`int | None` -> Optional[int], which typer understands on every Python version."""
+    import types
+    import typing
+
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return Optional[args[0]]
+    return annotation
+
+
+def flag_parameter(name: str, annotation: Any, default: Any, help: Optional[str], flag: str,  # noqa: A002
+                   min: Optional[float] = None) -> inspect.Parameter:
+    """A keyword parameter typer reads as the flag of one option (required when `default` is empty): how
+    `edit METHOD` and `vector train` turn declared options into flags."""
+    import typer
+
+    required = default is inspect.Parameter.empty
+    limits = {} if min is None else {"min": min}
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option_type(annotation),
+                             default=typer.Option(... if required else default, flag, help=help, **limits))

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from personaedit.fileio import atomic_path
 from personaedit.methods.contrast import ContrastivePairs
-from personaedit.methods.options import option
+from personaedit.option_groups import option
 from personaedit.models.forward import encode_prompts, left_pad, position_ids, run_until
 from personaedit.models.generation import build_messages, render_chat
 from personaedit.models.hooks import hooked
 from personaedit.models.loading import LoadedModel, cache_dir
+from personaedit.progress import Progress
 
 Site = tuple[str, int]  # (point, layer), e.g. ("mlp_hidden", 12)
 REDUCTIONS = ("last", "mean", "firing")
@@ -27,7 +28,7 @@ REDUCTIONS = ("last", "mean", "firing")
 @dataclass(frozen=True)
 class ActivationOptions:
     """The options steer, NPTI and DPN-LE share: where the edit acts, the seed of the prompt draw, the batch
-    activations are collected in. Fields with help are method options (an option group, see options.py)."""
+    activations are collected in. Fields with help are method options (an option group, see option_groups.py)."""
 
     prompt_too: bool = option(False, "edit the prompt's positions too (default: generated tokens only)")
     seed: int = option(0, "seed of the random draw of contrastive pairs or persona descriptions")
@@ -61,7 +62,7 @@ def capture(
     reduce: str = "last",
     batch_size: int = 16,
     use_cache: bool = True,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> dict[Site, torch.Tensor]:
     """Activations [n_prompts, width] per site, in float32 on the CPU.
 
@@ -124,7 +125,7 @@ def over_replies(
     consume: Callable[[Site, torch.Tensor], None],
     *,
     batch_size: int = 16,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> int:
     """Run prompt + reply through the model (teacher forcing) and hand `consume(site, activations)` the
     activations [reply tokens in the batch, width] at the replies' own tokens, batch by batch, in float32.

@@ -2,7 +2,7 @@
 
 The list is static (no registration by import side effect): to add a method, write its module with a
 `fit` and add one `Method(...)` row to `METHODS`. A fit's options are its keyword-only parameters, with
-option groups (options.py) flattened into their fields; `fit_edit` records every option's value in the edit.
+option groups (option_groups.py) flattened into their fields; `fit_edit` records every option's value in the edit.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Callable
 from personaedit.edits import Edit
 from personaedit.errors import PersonaEditError
 from personaedit.methods import dpnle, ike, memit, mend, npti, palette, prompt, rome, serac, steer
-from personaedit.methods.options import group_options, is_group
 from personaedit.models import LoadedModel
+from personaedit.option_groups import group_options, is_group
 from personaedit.persona import Persona
 from personaedit.progress import Progress
 
@@ -41,7 +41,7 @@ class Method:
     def option_help(self) -> dict[str, str]:
         """Help per option: from the fit docstring's `Options:` section (`name: text`, continued indented), and
         an option group's from its fields."""
-        helps = {name: text for group in self._groups().values() for name, (_, _, text) in group_options(group).items()}
+        helps = {name: opt.help for group in self._groups().values() for name, opt in group_options(group).items()}
         lines = (inspect.getdoc(self.fit) or "").splitlines()
         if "Options:" not in lines:
             return helps
@@ -64,9 +64,9 @@ class Method:
         flat: dict[str, inspect.Parameter] = {}
         for name, param in self._parameters().items():
             if is_group(param.default):
-                for field, (default, annotation, _) in group_options(param.default).items():
-                    flat[field] = inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                    annotation=annotation)
+                for field, opt in group_options(param.default).items():
+                    flat[field] = inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=opt.default,
+                                                    annotation=opt.annotation)
             else:
                 flat[name] = param.replace(annotation=hints.get(name, param.annotation))
         return flat

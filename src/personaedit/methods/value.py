@@ -17,7 +17,7 @@ import torch
 
 from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import Request, RequestTokens, tokenise_request
-from personaedit.methods.options import option
+from personaedit.option_groups import option
 from personaedit.models.forward import frozen, left_pad, position_ids, run_until
 from personaedit.models.hooks import hooked
 from personaedit.models.kvcache import cache_argument, cache_of
@@ -27,7 +27,7 @@ from personaedit.models.loading import LoadedModel
 @dataclass(frozen=True)
 class ValueOptions:
     """The value optimisation that ROME, PALETTE and MEMIT share (PALETTE's settings), and the prefixes
-    each request is read after. Fields with help are method options (an option group, see options.py)."""
+    each request is read after. Fields with help are method options (an option group, see option_groups.py)."""
 
     subject_token: str = option("last", "read the key at the subject's first or last token (first, last)")
     steps: int = option(25, "at most this many Adam steps per request (stops early at NLL < 0.05)")
@@ -69,13 +69,13 @@ class _PrefixReplay:
         self.replay_below = replay_below
         self.recorded: dict[int, object] = {}
 
-    def __call__(self, keep: torch.Tensor | int = 1):
+    def __call__(self, logits_at: torch.Tensor | int = 1):
         """The model output on the chunk; the cache is copied because a forward pass appends to it."""
         mask = torch.cat([self.mask, torch.ones_like(self.chunk)], dim=1)
         cache = copy.deepcopy(self.cache) if self.cache is not None else None
         with self._replaying():
             return self.lm.model(input_ids=self.chunk, attention_mask=mask, position_ids=self.positions,
-                                 use_cache=cache is not None, logits_to_keep=keep, **{cache_argument(self.lm.model): cache})
+                                 use_cache=cache is not None, logits_to_keep=logits_at, **{cache_argument(self.lm.model): cache})
 
     @contextlib.contextmanager
     def _replaying(self) -> Iterator[None]:
@@ -118,9 +118,9 @@ def keys_and_outputs(lm: LoadedModel, tokens: RequestTokens, layer: int, site: t
     return recorded["key"], recorded.get("site")
 
 
-def _kl_tokens(lm: LoadedModel, request: Request, options: ValueOptions) -> RequestTokens:
-    kl_request = Request(options.kl_prompt, request.subject, request.target)
-    return tokenise_request(lm, kl_request, [], options.subject_token)
+def _kl_tokens(lm: LoadedModel, request: Request, value_options: ValueOptions) -> RequestTokens:
+    kl_request = Request(value_options.kl_prompt, request.subject, request.target)
+    return tokenise_request(lm, kl_request, [], value_options.subject_token)
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def optimise_delta(
     request: Request,
     tokens: RequestTokens,
     site: tuple[str, int],
-    options: ValueOptions,
+    value_options: ValueOptions,
     *,
     key_layer: int | None = None,
 ) -> Value:
@@ -147,12 +147,12 @@ def optimise_delta(
     the model continue with the target: NLL + kl_factor·KL(base ‖ edited on the KL prompt) +
     weight_decay·‖δ‖²/‖v₀‖², Adam, ‖δ‖ clamped to clamp·‖v₀‖, stop at NLL < stop_nll,
     where v₀ is the unedited activation. The key at `key_layer` is read in the same first pass."""
-    options.check()
+    value_options.check()
     target = torch.tensor(tokens.target, device=lm.device)
     n_target = len(tokens.target)
     main = _PrefixReplay(lm, tokens, extra=tokens.target[:-1], replay_below=site[1])
-    keep = torch.arange(len(tokens.after) - 1, len(tokens.after) - 1 + n_target, device=lm.device)
-    kl_tokens = _kl_tokens(lm, request, options)
+    target_positions = torch.arange(len(tokens.after) - 1, len(tokens.after) - 1 + n_target, device=lm.device)
+    kl_tokens = _kl_tokens(lm, request, value_options)
     kl_run = _PrefixReplay(lm, kl_tokens, replay_below=site[1])
 
     width = lm.arch.site_width("mlp_hidden" if site[0] == "mlp_hidden" else "residual")
@@ -173,30 +173,30 @@ def optimise_delta(
             state["key"] = hidden[:, state["index"], :].detach().float().mean(0)
 
     sites = [(site[0], site[1], add_delta)] + ([("mlp_hidden", key_layer, record_key)] if key_layer is not None else [])
-    optimiser = torch.optim.Adam([delta], lr=options.lr)
+    optimiser = torch.optim.Adam([delta], lr=value_options.lr)
     info = {"steps": 0, "nll": float("nan"), "nll_start": float("nan")}
     with hooked(lm.arch, sites), frozen(lm.model):
-        if options.kl_factor > 0:
+        if value_options.kl_factor > 0:
             with torch.no_grad():
                 state.update(index=kl_tokens.subject_index, record=False)
                 base_kl = kl_run(1).logits[:, -1].float().log_softmax(-1)
-        for step in range(options.steps + 1):
+        for step in range(value_options.steps + 1):
             state.update(index=tokens.subject_index, record=step == 0)
-            logits = main(keep).logits.float().log_softmax(-1)  # [rows, n_target, vocab]
+            logits = main(target_positions).logits.float().log_softmax(-1)  # [rows, n_target, vocab]
             nll = -logits.gather(2, target.expand(logits.shape[0], -1)[..., None]).squeeze(-1).mean()
             info["nll"] = float(nll.detach())
             if step == 0:
                 info["nll_start"] = info["nll"]
                 reference = state["reference"]
-                max_norm = options.clamp * float(reference.norm())
+                max_norm = value_options.clamp * float(reference.norm())
                 ref_sq = float(reference.norm()) ** 2 + 1e-12
-            if info["nll"] < options.stop_nll or step == options.steps:
+            if info["nll"] < value_options.stop_nll or step == value_options.steps:
                 break
-            loss = nll + options.weight_decay * delta.pow(2).sum() / ref_sq
-            if options.kl_factor > 0:
+            loss = nll + value_options.weight_decay * delta.pow(2).sum() / ref_sq
+            if value_options.kl_factor > 0:
                 state.update(index=kl_tokens.subject_index, record=False)
                 edited_kl = kl_run(1).logits[:, -1].float().log_softmax(-1)
-                loss = loss + options.kl_factor * torch.nn.functional.kl_div(
+                loss = loss + value_options.kl_factor * torch.nn.functional.kl_div(
                     edited_kl, base_kl, log_target=True, reduction="batchmean")
             optimiser.zero_grad()
             loss.backward()
