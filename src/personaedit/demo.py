@@ -81,8 +81,9 @@ def run_demo(
     step(PLAIN)
     result.columns[PLAIN] = generate(lm, questions, max_new_tokens=max_new_tokens)
     for name, options in chosen.items():
-        # An activation method runs at its calibrated setting for this model when a calibration is at hand (the
-        # user's cache, or the one the package ships for the default model); it was fitted with default options.
+        # A calibrated method (activation methods, palette) runs at its calibrated setting for this model when a
+        # calibration is at hand (the user's cache, or the one the package ships for the default model); it was
+        # fitted with default options.
         calibration = stored(lm, name, persona) if name in CALIBRATED else None
         calibrated = calibration is not None and calibration["chosen"] is not None
         title = f"{name} ({registered[name].family}{', calibrated' if calibrated else ''})"
