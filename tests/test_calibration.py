@@ -119,3 +119,21 @@ def test_info_shows_the_calibration(lm, steer_options, tmp_path, capsys):
     strength = result["chosen"]["strength"]
     assert code == 0 and f"calibrated for this model: strength {strength:g}" in out
     assert f"on {FAST['questions']} validation questions effect" in out
+
+
+def test_calibrate_says_when_no_setting_moved_the_trait(capsys):
+    from personaedit.cli_calibrate import _print_calibration
+
+    def trial(strength, low):
+        effect = {"mean": low + 0.05, "low": low, "high": low + 0.1, "n": 6, "confidence": 0.95,
+                  "verdict": "moved" if low > 0 else "no measurable effect"}
+        return {"options": {}, "strength": strength, "effect": effect, "coherent_share": 1.0, "perplexity_ratio": 1.0}
+
+    result = {"method": "npti", "persona": "extraversion=high", "model": "tiny", "questions": 6,
+              "budget": {"perplexity_ratio": 1.5, "coherent_share": 0.9}, "base_coherent_share": 1.0}
+    noise = [trial(1.0, -0.04), trial(2.0, -0.02)]
+    _print_calibration({**result, "trials": noise, "chosen": noise[1]})
+    assert "no setting moved extraversion=high measurably" in " ".join(capsys.readouterr().out.split())
+    moved = [trial(1.0, -0.04), trial(2.0, 0.01)]
+    _print_calibration({**result, "trials": moved, "chosen": moved[1]})
+    assert "no setting moved" not in capsys.readouterr().out

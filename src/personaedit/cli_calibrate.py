@@ -101,6 +101,9 @@ def _print_calibration(result: dict[str, Any]) -> None:
         stdout.print(f"chosen: {options} at strength {chosen['strength']:g}: effect "
                       f"{chosen['effect']['mean']:+.3f} [{chosen['effect']['low']:+.3f}, {chosen['effect']['high']:+.3f}]"
                       f" ({chosen['effect']['verdict']}) on validation questions")
+        if not any(t["effect"]["low"] > 0 for t in result["trials"]):
+            stdout.print(f"no setting moved {result['persona']} measurably (no interval above 0): {result['method']} "
+                          "may not control this trait on this model")
 
 
 def register(app: typer.Typer) -> None:
