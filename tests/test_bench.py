@@ -103,7 +103,7 @@ def test_bench_runs_a_grid_resumes_after_an_interruption_and_reports(lm, tmp_pat
     assert "| steer | 1 |" in written["markdown"].read_text()
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"shift.png", "dose_response.png", "tradeoff.png"}
     assert "plots/shift.png" in written["html"].read_text()
-    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
+    assert lm.context_providers == [] and all(not m._forward_hooks for m in lm.model.modules())
 
 
 def test_bench_folder_refuses_another_suite_or_options(lm, tmp_path):

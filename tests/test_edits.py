@@ -254,7 +254,7 @@ def test_persona_prompt_strength_sets_intensity(lm):
     assert "a bit outgoing" in weak and "reserved" in flipped
     with edit.apply(lm, 0.0):
         assert build_messages(lm, "hi") == [{"role": "user", "content": "hi"}]
-    assert lm.contexts == []
+    assert lm.context_providers == []
 
 
 def test_context_edit_reaches_generation(lm):

@@ -208,6 +208,35 @@ def test_ike_uses_training_answers_of_the_pole_and_skips_the_asked_topic(lm):
     assert flipped and all(a in train_high for a in flipped)
 
 
+def test_context_edits_read_their_own_edit_json_at_strength_one(lm, tmp_path):
+    import json
+
+    for method in ("prompt", "ike"):
+        edit = fit_edit(method, lm, "extraversion=low", **({"k": 2} if method == "ike" else {}))
+        with edit.apply(lm):
+            fitted = build_messages(lm, "What do you think of parties?")
+        path = edit.save(tmp_path / method) / "edit.json"
+        meta = json.loads(path.read_text())
+        payload = meta["payload"]
+        assert payload["rendered"] and (payload["system"] if method == "prompt" else len(payload["spares"]) == 2)
+        with load_edit(tmp_path / method).apply(lm):
+            assert build_messages(lm, "What do you think of parties?") == fitted
+        # what edit.json holds is what is used: not re-rendered from the package's data
+        payload["system"] = "Say little." if method == "prompt" else None
+        payload["demonstrations"] = [[q, "(stored) " + a] for q, a in payload["demonstrations"]]
+        path.write_text(json.dumps(meta))
+        with load_edit(tmp_path / method).apply(lm):
+            stored = build_messages(lm, "hi")
+        assert (stored[0]["content"] == "Say little.") if method == "prompt" else \
+            all(m["content"].startswith("(stored) ") for m in stored if m["role"] == "assistant")
+        # an edit saved before the rendering was stored is rendered again, as then
+        for key in ("rendered", "spares", "topics"):
+            del payload[key]
+        path.write_text(json.dumps(meta))
+        with load_edit(tmp_path / method).apply(lm):
+            assert build_messages(lm, "What do you think of parties?") == fitted
+
+
 def test_demo_shows_each_family_side_by_side_with_judge_scores(lm, tmp_path):
     from personaedit.demo import demo_questions, run_demo, write_demo_html
     from personaedit.persona import Persona
@@ -230,4 +259,4 @@ def test_demo_shows_each_family_side_by_side_with_judge_scores(lm, tmp_path):
     assert effect.mean == pytest.approx(sum(e - p for e, p in zip(result.scores["prompt (context)"], plain)) / 2)
     page = write_demo_html(result, lm.spec, tmp_path / "demo.html").read_text()
     assert "data:image/png;base64," in page and page.count("<tr>") == 3 and effect.verdict in page
-    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
+    assert lm.context_providers == [] and all(not m._forward_hooks for m in lm.model.modules())

@@ -59,7 +59,7 @@ def test_in_scope_gets_the_descriptor_out_of_scope_passes_through(family):
         assert _system(lm, outside[0]) is None
         assert generate(lm, outside, max_new_tokens=8) == base
         assert np.array_equal(answer_logprobs(lm, outside, ["I like it."])[0].numpy(), base_lp.numpy())
-    assert lm.contexts == [] and _system(lm, inside[0]) is None
+    assert lm.context_providers == [] and _system(lm, inside[0]) is None
 
 
 def test_strength_and_memory_of_several_topics(tmp_path):

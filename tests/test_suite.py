@@ -49,7 +49,7 @@ def test_suite_measures_base_and_edited_and_renders(lm):
     page = render_html(report)
     assert page.count("data:image/png;base64,") == 2 and "KL(base" in page
     assert "log-prob margin: extraversion (target)" in page and margin["verdict"] in page
-    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
+    assert lm.context_providers == [] and all(not m._forward_hooks for m in lm.model.modules())
 
 
 def test_suite_without_edit_profiles_the_base_model(lm):
@@ -96,4 +96,4 @@ def test_an_edit_made_for_a_topic_gets_the_personalityedit_metrics(lm, monkeypat
     assert topic["topic"] == "chess" and topic["trait"] == "extraversion" and topic["pole"] == "high"
     assert 0 <= topic["es"] <= 1 and topic["dd"] > 0 and topic["pae"] == pytest.approx(2.0)  # pairs rated both
     assert topic["pairs"] == 3 and (topic["coherent_pairs"] == 0 or topic["acc"] == 1.0)
-    assert lm.contexts == [] and all(not m._forward_hooks for m in lm.model.modules())
+    assert lm.context_providers == [] and all(not m._forward_hooks for m in lm.model.modules())

@@ -44,7 +44,7 @@ def test_edit_applied_and_removed_leaves_every_parameter_bit_identical(lm):
     for name, value in lm.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in lm.model.modules())
-    assert generate(lm, question, max_new_tokens=12) == plain and lm.contexts == []
+    assert generate(lm, question, max_new_tokens=12) == plain and lm.context_providers == []
 
 
 def test_batched_generation_answers_every_prompt(lm):

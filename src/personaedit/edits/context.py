@@ -1,8 +1,9 @@
 """Context edits: change the conversation (system prompt, demonstrations), never the weights.
 
-How a context edit reads at a strength other than 0 is decided here, from what its `edit.json` holds
-(persona and options): a persona prompt re-describes the scaled persona (`render_prompt`), IKE re-draws
-its demonstrations from the scaled poles (`render_ike`); any other context edit uses its stored context.
+How a context edit reads at a strength other than 0 is decided here, from what its `edit.json` holds: at
+strength 1 the context stored there (a fit stores its rendering); at other strengths a persona prompt
+re-describes the scaled persona (`render_prompt`) and IKE re-draws its demonstrations from the scaled poles
+(`render_ike`), from the persona and options; any other context edit uses its stored context.
 """
 
 from __future__ import annotations
@@ -61,19 +62,34 @@ RENDERERS: dict[str, Callable[[Persona, dict[str, Any], float], Context]] = {"pr
 class ContextEdit(Edit):
     """A system prompt and/or demonstration turns placed around every user message.
 
-    Strength 0 removes the context; other strengths re-render it through its method's renderer when
-    it has one (prompt intensity, IKE's poles), else the stored context is used as it is."""
+    Strength 0 removes the context. At strength 1 an edit whose method renders its context (`rendered`) uses
+    the context its edit.json holds: the system prompt, the demonstrations and, for IKE's topic filter, the
+    spares that stand in for a demonstration whose topic the message mentions (`topics`: of the demonstrations,
+    then of the spares). Other strengths, and edits saved before the rendering was stored, re-render it from
+    the persona and options (prompt intensity, IKE's poles); a context edit without a renderer is used as it is."""
 
     system: str | None = None
     demonstrations: tuple[tuple[str, str], ...] = ()
+    spares: tuple[tuple[str, str], ...] = ()
+    topics: tuple[str, ...] = ()
+    rendered: bool = False  # system, demonstrations, spares and topics are the renderer's at strength 1
     kind: ClassVar[str] = "context"
+
+    @classmethod
+    def of_rendering(cls, context: Context, **fields: Any) -> "ContextEdit":
+        """The edit holding `context`, a renderer's output at strength 1 (its first `k` demonstrations used)."""
+        k = len(context.demonstrations) if context.k is None else context.k
+        return cls(**fields, system=context.system, demonstrations=context.demonstrations[:k],
+                   spares=context.demonstrations[k:], topics=context.topics, rendered=True)
 
     def context_at(self, strength: float) -> Context | None:
         if strength == 0:
             return None
         renderer = RENDERERS.get(self.method)
-        if renderer is not None and self.persona is not None:
+        if renderer is not None and self.persona is not None and not (self.rendered and strength == 1):
             return renderer(self.persona, self.options, strength)
+        if self.topics:
+            return Context(self.system, self.demonstrations + self.spares, self.topics, k=len(self.demonstrations))
         return Context(self.system, self.demonstrations)
 
     @contextlib.contextmanager
@@ -83,24 +99,34 @@ class ContextEdit(Edit):
             yield
             return
         entry = _ActiveContext(context)
-        lm.contexts.append(entry)
+        lm.context_providers.append(entry)
         try:
             yield
         finally:
-            lm.contexts.remove(entry)
+            lm.context_providers.remove(entry)
 
     def payload(self) -> dict[str, Any]:
-        return {"system": self.system, "demonstrations": [list(d) for d in self.demonstrations]}
+        return {"system": self.system, "demonstrations": [list(d) for d in self.demonstrations],
+                "spares": [list(d) for d in self.spares], "topics": list(self.topics), "rendered": self.rendered}
 
     def _details(self) -> Description:
         system = (f"system prompt: {self.system}",) if self.system else ()
-        return Description("", (*system, f"demonstrations: {len(self.demonstrations)}"))
+        spares = f" (+{len(self.spares)} spares for messages on their topics)" if self.spares else ""
+        return Description("", (*system, f"demonstrations: {len(self.demonstrations)}{spares}"))
 
     @classmethod
     def from_saved(cls, meta, tensors, directory) -> "ContextEdit":
         payload = meta["payload"]
-        demos = tuple((str(q), str(a)) for q, a in payload.get("demonstrations", []))
-        return cls(**common_fields(meta), system=payload.get("system"), demonstrations=demos)
+
+        def turns(key: str) -> tuple[tuple[str, str], ...]:
+            return tuple((str(q), str(a)) for q, a in payload.get(key, []))
+
+        demos, spares = turns("demonstrations"), turns("spares")
+        topics = tuple(str(t) for t in payload.get("topics", []))
+        if topics and len(topics) != len(demos) + len(spares):
+            raise ValueError(f"{len(topics)} topics for {len(demos) + len(spares)} demonstrations and spares")
+        return cls(**common_fields(meta), system=payload.get("system"), demonstrations=demos, spares=spares,
+                   topics=topics, rendered=bool(payload.get("rendered", False)))
 
 
 @dataclass(eq=False)

@@ -65,11 +65,11 @@ class RoutedEdit(Edit):
             yield
             return
         router = Router(self, self.persona.scaled(strength), scope_encoder(self.encoder))
-        lm.contexts.append(router)
+        lm.context_providers.append(router)
         try:
             yield
         finally:
-            lm.contexts.remove(router)
+            lm.context_providers.remove(router)
 
     def payload(self) -> dict[str, Any]:
         return {"topics": list(self.topics), "threshold": self.threshold, "encoder": self.encoder}
@@ -90,7 +90,7 @@ class RoutedEdit(Edit):
 
 @dataclass(eq=False)
 class Router:
-    """The active scope decision, placed in `lm.contexts` while a RoutedEdit is applied."""
+    """The active scope decision, placed in `lm.context_providers` while a RoutedEdit is applied."""
 
     edit: RoutedEdit
     persona: Persona

@@ -20,6 +20,6 @@ def fit(lm: LoadedModel, persona: Persona, *, k: int = 4, seed: int = 0) -> Cont
         k: number of demonstrations placed before each question
         seed: seed of the demonstration draw
     """
-    options = {"k": k, "seed": seed}
-    context = render_ike(persona, options, 1.0)
-    return ContextEdit(method="ike", persona=persona, options=options, demonstrations=context.demonstrations[:k])
+    recorded = {"k": k, "seed": seed}
+    # The first k demonstrations, and the spares that stand in for one whose topic a message mentions.
+    return ContextEdit.of_rendering(render_ike(persona, recorded, 1.0), method="ike", persona=persona, options=recorded)

@@ -7,15 +7,17 @@ many adjectives are listed; a negative strength describes the opposite poles.
 from __future__ import annotations
 
 from personaedit.edits import ContextEdit
+from personaedit.edits.context import render_prompt
 from personaedit.models import LoadedModel
-from personaedit.persona import Persona, describe
+from personaedit.persona import Persona
 
 
 def prompt_edit(persona: Persona | str, *, adjectives: int | None = None) -> ContextEdit:
     """A persona prompt edit; needs no model."""
     persona = Persona.parse(persona)
-    options = {"adjectives": adjectives} if adjectives else {}
-    return ContextEdit(method="prompt", persona=persona, options=options, system=describe(persona, adjectives))
+    recorded = {"adjectives": adjectives} if adjectives else {}
+    return ContextEdit.of_rendering(render_prompt(persona, recorded, 1.0), method="prompt", persona=persona,
+                                    options=recorded)
 
 
 def fit(lm: LoadedModel, persona: Persona, *, adjectives: int | None = None) -> ContextEdit:  # noqa: ARG001

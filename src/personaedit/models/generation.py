@@ -43,7 +43,7 @@ class Context:
 
 def build_messages(lm: LoadedModel, prompt: str, system: str | None = None) -> list[dict[str, str]]:
     """The conversation for `prompt` under the context edits in force on `lm` and an optional system prompt."""
-    contexts = [edit.context_for(prompt) for edit in lm.contexts]
+    contexts = [edit.context_for(prompt) for edit in lm.context_providers]
     systems = [c.system for c in contexts if c.system] + ([system] if system else [])
     messages: list[dict[str, str]] = []
     if systems:

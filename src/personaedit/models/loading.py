@@ -49,8 +49,9 @@ class LoadedModel:
     spec: str
     source: str
     fingerprint: str
-    # Context edits in force (system prompts, demonstrations); read by generation.
-    contexts: list[Any] = field(default_factory=list)
+    # What the context edits in force put around a message (objects with `context_for(prompt) -> Context`:
+    # system prompts, demonstrations, a routed edit's scope decision); read by generation.
+    context_providers: list[Any] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:

@@ -140,9 +140,9 @@ def create_app(lm: LoadedModel, edits: Mapping[str, tuple[Edit, float]] | None =
 
     def chat_ids(body: ChatCompletionRequest, edit) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        contexts = edit[0].context_entries(edit[1]) if edit else []
+        providers = edit[0].context_entries(edit[1]) if edit else []
         try:
-            text, uses_template = render_chat(lm.tokenizer, conversation(messages, contexts))
+            text, uses_template = render_chat(lm.tokenizer, conversation(messages, providers))
         except Exception as exc:  # noqa: BLE001 - chat templates raise their own errors for bad role orders
             raise RequestError(f"the messages do not fit the model's chat template: {exc}", param="messages") from None
         return lm.tokenizer(text, add_special_tokens=not uses_template)["input_ids"]

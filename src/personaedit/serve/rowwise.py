@@ -100,7 +100,7 @@ class PreparedEdit:
     edit: Edit
     interventions: list[tuple[Intervention, float]] = field(default_factory=list)
     weight_changes: list[tuple[_ModuleDelta, float]] = field(default_factory=list)
-    contexts: list[tuple[Edit, float]] = field(default_factory=list)
+    context_parts: list[tuple[Edit, float]] = field(default_factory=list)
 
     @classmethod
     def of(cls, lm: LoadedModel, edit: Edit) -> "PreparedEdit":
@@ -114,15 +114,15 @@ class PreparedEdit:
                 for name, delta in part.deltas.items():
                     prepared.weight_changes += [(change, strength) for change in _module_deltas(lm, name, delta)]
             elif isinstance(part, (ContextEdit, RoutedEdit)):
-                prepared.contexts.append((part, strength))
+                prepared.context_parts.append((part, strength))
             else:
                 raise EditError(f"a {part.kind} edit cannot be served per request")
         return prepared
 
     def context_entries(self, strength: float) -> list[Any]:
-        """Objects with `context_for(prompt) -> Context`, as the context edits would place in `lm.contexts`."""
+        """Objects with `context_for(prompt) -> Context`, as the context edits would place in `lm.context_providers`."""
         entries: list[Any] = []
-        for part, weight in self.contexts:
+        for part, weight in self.context_parts:
             acting = strength * weight
             if isinstance(part, ContextEdit):
                 context = part.context_at(acting)
@@ -198,14 +198,14 @@ def row_edits(lm: LoadedModel, assignments: Sequence[tuple[PreparedEdit, float] 
             handle.remove()
 
 
-def conversation(messages: Sequence[dict[str, str]], contexts: Sequence[Any]) -> list[dict[str, str]]:
+def conversation(messages: Sequence[dict[str, str]], providers: Sequence[Any]) -> list[dict[str, str]]:
     """`messages` (a chat request) under context-edit entries, laid out as `build_messages` lays out one
     prompt: the edits' system prompts first (joined with the request's own), then their demonstrations,
     then the request's turns. Entries choose their context by the last user message."""
-    if not contexts:
+    if not providers:
         return [dict(m) for m in messages]
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    chosen = [entry.context_for(last_user) for entry in contexts]
+    chosen = [entry.context_for(last_user) for entry in providers]
     systems = [c.system for c in chosen if c.system] + [m["content"] for m in messages if m["role"] == "system"]
     out: list[dict[str, str]] = [{"role": "system", "content": "\n\n".join(systems)}] if systems else []
     for context in chosen:
