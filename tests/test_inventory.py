@@ -10,6 +10,8 @@ import torch
 from personaedit.edits import ActivationEdit, ContextEdit, Intervention
 from personaedit.errors import InputFileError, PersonaEditError
 from personaedit.eval import inventory as inv
+from personaedit.eval import ipip
+from personaedit.models import scoring
 from personaedit.persona import BIG_FIVE, MBTI
 
 needs_ffm = pytest.mark.skipif(importlib.util.find_spec("FFM") is None, reason="ffm is not installed (pip install ffm)")
@@ -38,11 +40,11 @@ def test_ipip_neo_120_items_and_keys_come_from_ffm():
 
 @pytest.fixture
 def without_ffm(monkeypatch):
-    inv._ipip_items.cache_clear()
+    ipip._ipip_items.cache_clear()
     monkeypatch.setitem(sys.modules, "FFM", None)
     monkeypatch.setitem(sys.modules, "FFM.core", None)
     yield
-    inv._ipip_items.cache_clear()
+    ipip._ipip_items.cache_clear()
 
 
 def test_missing_ffm_is_a_clear_error(without_ffm):
@@ -53,20 +55,20 @@ def test_missing_ffm_is_a_clear_error(without_ffm):
 def test_malformed_tables_are_refused():
     statements = [f"I do thing {i}." for i in range(120)]
     traits = {t.capitalize(): list(range(k, 120, 5)) for k, t in enumerate(BIG_FIVE)}
-    inv._check_tables(statements, traits, {t: set() for t in traits})  # well formed
+    ipip._check_tables(statements, traits, {t: set() for t in traits})  # well formed
     with pytest.raises(InputFileError, match="119 statements"):
-        inv._check_tables(statements[:-1], traits, {})
+        ipip._check_tables(statements[:-1], traits, {})
     with pytest.raises(InputFileError, match="outside their trait"):
-        inv._check_tables(statements, traits, {"Openness": {1}})
+        ipip._check_tables(statements, traits, {"Openness": {1}})
 
 
 def test_second_person():
-    assert inv.second_person("I worry about things.") == "You worry about things."
-    assert inv.second_person("I feel that I'm unable to deal with things.") == (
+    assert ipip.second_person("I worry about things.") == "You worry about things."
+    assert ipip.second_person("I feel that I'm unable to deal with things.") == (
         "You feel that you're unable to deal with things.")
-    assert inv.second_person("I am afraid to draw attention to myself.") == "You are afraid to draw attention to yourself."
-    assert inv.second_person("I do more than what's expected of me.") == "You do more than what's expected of you."
-    assert inv.second_person("Leave my belongings around") == "You leave your belongings around."  # IPIP verb phrase
+    assert ipip.second_person("I am afraid to draw attention to myself.") == "You are afraid to draw attention to yourself."
+    assert ipip.second_person("I do more than what's expected of me.") == "You do more than what's expected of you."
+    assert ipip.second_person("Leave my belongings around") == "You leave your belongings around."  # IPIP verb phrase
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -174,7 +176,7 @@ def _plain_probs(lm, text, ids):
 def test_shared_prefix_batches_match_one_plain_forward_per_prompt(lm):
     texts = _texts(lm)
     ids = inv.option_token_ids(lm.tokenizer, texts[0], inv.LIKERT_LETTERS, False)
-    assert len(inv._shared_prefix([lm.tokenizer(t)["input_ids"] for t in texts])) > 50
+    assert len(scoring._shared_prefix([lm.tokenizer(t)["input_ids"] for t in texts])) > 50
     shared = inv.option_probabilities(lm, texts, ids, add_special_tokens=False, batch_size=4)
     plain = inv.option_probabilities(lm, texts, ids, add_special_tokens=False, batch_size=4, share_prefix=False)
     single = torch.stack([_plain_probs(lm, t, ids) for t in texts])

@@ -251,6 +251,8 @@ def test_pole_accuracies_by_hand():
 
 # ------------------------------------------------------------------ the trait-specific judge (issue 13)
 
+from personaedit.eval import judge_data as jd  # noqa: E402
+from personaedit.eval import judge_metrics as jmetrics  # noqa: E402
 from personaedit.eval import judge_training as jt  # noqa: E402
 
 
@@ -308,7 +310,7 @@ def synthetic_text_sets(seed, per_pole):
         texts.append(f"neutral {i} {seed}")
         dims.append(None)
         poles.append(None)
-    return np.array(dim_feats), jt.TextSet(texts, dims, poles)
+    return np.array(dim_feats), jd.TextSet(texts, dims, poles)
 
 
 def test_fit_specific_head_is_specific_on_held_out_synthetic_texts():
@@ -316,7 +318,7 @@ def test_fit_specific_head_is_specific_on_held_out_synthetic_texts():
     for form in ("softmax3", "gated"):
         head = jt.fit_specific_head(train, validation, form, grid=(0.01, 1.0))
         feats, data = synthetic_text_sets(2, 20)
-        report = jt.specificity(head.class_probabilities(feats), data)
+        report = jmetrics.specificity(head.class_probabilities(feats), data)
         assert report["pole_accuracy"]["big_five"] >= 0.95 and report["pole_accuracy"]["mbti"] >= 0.95, form
         assert report["off_target_mean_abs"]["big_five"] < 0.15, (form, report["off_target_mean_abs"])
         assert report["neutral_mean_abs"]["all"] < 0.15
@@ -328,28 +330,28 @@ def test_fit_specific_head_is_specific_on_held_out_synthetic_texts():
 
 
 def test_labels_leave_out_the_counterpart_and_count_neutral_as_none():
-    data = jt.TextSet(["a", "b", "c", "d", "e"], ["extraversion", "extraversion", "ei", "openness", None],
+    data = jd.TextSet(["a", "b", "c", "d", "e"], ["extraversion", "extraversion", "ei", "openness", None],
                       [1, 0, 1, 0, None])
-    rows, y = jt.labels("extraversion", data)
-    assert rows.tolist() == [0, 1, 3, 4] and y.tolist() == [jt.HIGH, jt.LOW, jt.NONE, jt.NONE]
-    rows, y = jt.labels("ei", data)
-    assert rows.tolist() == [2, 3, 4] and y.tolist() == [jt.HIGH, jt.NONE, jt.NONE]
-    rows, _ = jt.labels("neuroticism", data)
+    rows, y = jd.labels("extraversion", data)
+    assert rows.tolist() == [0, 1, 3, 4] and y.tolist() == [jd.HIGH, jd.LOW, jd.NONE, jd.NONE]
+    rows, y = jd.labels("ei", data)
+    assert rows.tolist() == [2, 3, 4] and y.tolist() == [jd.HIGH, jd.NONE, jd.NONE]
+    rows, _ = jd.labels("neuroticism", data)
     assert rows.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_specificity_measures_by_hand():
     # Two openness texts (high, low) and two extraversion texts (high, low); scores set through probabilities.
-    data = jt.TextSet(["o+", "o-", "e+", "e-"], ["openness", "openness", "extraversion", "extraversion"], [1, 0, 1, 0])
+    data = jd.TextSet(["o+", "o-", "e+", "e-"], ["openness", "openness", "extraversion", "extraversion"], [1, 0, 1, 0])
     probs = np.zeros((4, 9, 3))
-    probs[..., jt.NONE] = 1.0
+    probs[..., jd.NONE] = 1.0
     probs[0, 0] = [0.8, 0.1, 0.1]  # right: score +0.7
     probs[1, 0] = [0.5, 0.3, 0.2]  # wrong: +0.2
     probs[2, 0] = [0.1, 0.3, 0.6]  # off-target for openness: |−0.2|
     probs[3, 0] = [0.2, 0.2, 0.6]  # off-target: 0
     probs[2, 2] = [0.9, 0.0, 0.1]
     probs[3, 2] = [0.0, 0.6, 0.4]
-    report = jt.specificity(probs, data)
+    report = jmetrics.specificity(probs, data)
     assert report["pole_accuracy"]["openness"] == 0.5 and report["pole_accuracy"]["extraversion"] == 1.0
     assert report["pole_accuracy"]["big_five"] == 0.75
     assert report["off_target_mean_abs"]["openness"] == pytest.approx(0.1)
@@ -363,10 +365,10 @@ def test_specificity_measures_by_hand():
 def test_expected_calibration_error_by_hand():
     # bin [0.9, 1.0): confidences .95, .95, accuracy 1/2 → gap .45, weight 2/4; bin [0.6, 0.7): .65, .65 both
     # right → gap .35, weight 2/4. ECE = .5·.45 + .5·.35 = .4
-    ece, bins = jt.expected_calibration_error(np.array([0.95, 0.95, 0.65, 0.65]), np.array([1, 0, 1, 1]))
+    ece, bins = jmetrics.expected_calibration_error(np.array([0.95, 0.95, 0.65, 0.65]), np.array([1, 0, 1, 1]))
     assert ece == pytest.approx(0.4)
     assert [b["n"] for b in bins] == [2, 2]
-    ece, _ = jt.expected_calibration_error(np.array([1.0, 0.0]), np.array([1, 0]))
+    ece, _ = jmetrics.expected_calibration_error(np.array([1.0, 0.0]), np.array([1, 0]))
     assert ece == pytest.approx(0.0)  # 1.0 falls in the last bin, 0.0 in the first
 
 

@@ -104,7 +104,8 @@ def judge_evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print every measure as JSON instead of tables."),
 ) -> None:
     """Pole accuracy, off-target |score|, trait intercorrelation and calibration on a split and on the check set."""
-    from personaedit.eval.judge_training import DIMENSIONS, reliability_plot, specificity_report
+    from personaedit.eval.judge_metrics import reliability_plot, specificity_report
+    from personaedit.eval.text_judge import DIMENSIONS
     from personaedit.eval.text_judge import TextJudge
 
     if split not in ("train", "validation", "test"):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from personaedit.eval.judge_training import specificity_report
+from personaedit.eval.judge_metrics import specificity_report
 from personaedit.eval.judge_fit import evaluate_on_check_set, evaluate_text_judge
 from personaedit.eval.text_judge import AXES, DIMENSIONS, TRAITS, TextJudge, default_head_path
 from personaedit.models.encoders import SentenceEncoder

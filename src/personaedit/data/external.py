@@ -11,14 +11,14 @@ problems with the file as a one-line `InputFileError` that names the file.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable
 
+from personaedit.data.readers import canonical_name, check_limit, csv_table, json_type, listing, normal_name, read_text, \
+    require_columns, rows_as_dicts
 from personaedit.errors import InputFileError, PersonaSpecError
 from personaedit.persona import BIG_FIVE, suggestion
 
@@ -34,7 +34,6 @@ _TARGET_KEYS = ("target_per", "target_personality")
 _BIG5_CHAT_COLUMNS = ("trait", "level", "train_input", "train_output")
 _UTTERANCE_COLUMNS = ("utterance", "speaker_uttr")
 
-Rows = list[tuple[int, list[str]]]  # (line number, fields) of a CSV file
 
 
 @dataclass
@@ -63,7 +62,7 @@ class DialogueExample:
 
 def load_personality_edit(path: str | Path) -> list[PersonalityEditRecord]:
     """Records of a PersonalityEdit file (a JSON list, or JSON Lines with one record per line)."""
-    p, text = _read_text(path)
+    p, text = read_text(path)
     return [_personality_record(p, n, raw) for n, raw in enumerate(_json_records(p, text), start=1)]
 
 
@@ -72,7 +71,7 @@ def to_opinion_rows(records: Iterable[PersonalityEditRecord], pole: str = "high"
 
     PersonalityEdit texts express the high pole of their trait, hence the default.
     """
-    canonical = _match(pole, POLES, _POLE_ALIASES)
+    canonical = canonical_name(pole, POLES, _POLE_ALIASES)
     if canonical is None:
         raise PersonaSpecError(f"unknown pole {pole!r}{suggestion(str(pole), POLES)}")
     return [
@@ -110,24 +109,24 @@ def _record_list(p: Path, document: Any) -> list[Any]:
     if isinstance(document, list):
         return document
     if isinstance(document, dict):
-        if any(_norm(k) in _TOPIC_KEYS for k in document):
+        if any(normal_name(k) in _TOPIC_KEYS for k in document):
             return [document]
         lists = [v for v in document.values() if isinstance(v, list)]
         if len(lists) == 1:
             return lists[0]
         raise InputFileError(
-            f"{p}: expected a JSON list of records, found an object with keys {_listing(document)}"
+            f"{p}: expected a JSON list of records, found an object with keys {listing(document)}"
         )
-    raise InputFileError(f"{p}: expected a JSON list of records, found a JSON {_json_type(document)}")
+    raise InputFileError(f"{p}: expected a JSON list of records, found a JSON {json_type(document)}")
 
 
 def _personality_record(p: Path, n: int, raw: Any) -> PersonalityEditRecord:
     if not isinstance(raw, dict):
-        raise InputFileError(f"{p}: record {n} is a JSON {_json_type(raw)}, expected an object")
+        raise InputFileError(f"{p}: record {n} is a JSON {json_type(raw)}, expected an object")
     topic, target, texts, extra = None, None, {}, {}
     for key, value in raw.items():
-        name = _norm(key)
-        trait = _match(name, BIG_FIVE, _TRAIT_ALIASES)
+        name = normal_name(key)
+        trait = canonical_name(name, BIG_FIVE, _TRAIT_ALIASES)
         if name in _TOPIC_KEYS and topic is None:
             topic = "" if value is None else str(value).strip()
         elif trait is not None:
@@ -137,11 +136,11 @@ def _personality_record(p: Path, n: int, raw: Any) -> PersonalityEditRecord:
         else:
             extra[key] = value
     if not topic:
-        raise InputFileError(f"{p}: record {n} has no topic ('ent') (found keys: {_listing(raw)})")
+        raise InputFileError(f"{p}: record {n} has no topic ('ent') (found keys: {listing(raw)})")
     if not texts:
         raise InputFileError(
             f"{p}: record {n} has no trait text lists (expected {', '.join(PERSONALITYEDIT_TRAITS)};"
-            f" found keys: {_listing(raw)}){_key_suggestion(raw)}"
+            f" found keys: {listing(raw)}){_key_suggestion(raw)}"
         )
     ordered = {t: texts[t] for t in BIG_FIVE if t in texts}
     return PersonalityEditRecord(topic=topic, texts=ordered, target=target, extra=extra)
@@ -153,7 +152,7 @@ def _string_list(p: Path, n: int, key: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InputFileError(f"{p}: record {n}: {key!r} must be a list of strings, not {_json_type(value)}")
+        raise InputFileError(f"{p}: record {n}: {key!r} must be a list of strings, not {json_type(value)}")
     return [v.strip() for v in value if v.strip()]
 
 
@@ -174,17 +173,17 @@ def _target_trait(p: Path, n: int, value: Any) -> str | None:
             f"{p}: record {n}: target_per index {value} is out of range "
             f"(0-2 = {', '.join(PERSONALITYEDIT_TRAITS)})"
         )
-    trait = _match(str(value), BIG_FIVE, _TRAIT_ALIASES)
+    trait = canonical_name(str(value), BIG_FIVE, _TRAIT_ALIASES)
     if trait is None:
         raise InputFileError(
-            f"{p}: record {n}: unknown target_per {value!r}{suggestion(_norm(str(value)), BIG_FIVE)}"
+            f"{p}: record {n}: unknown target_per {value!r}{suggestion(normal_name(str(value)), BIG_FIVE)}"
         )
     return trait
 
 
 def _key_suggestion(raw: dict) -> str:
     for key in raw:
-        close = difflib.get_close_matches(_norm(key), list(BIG_FIVE), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(normal_name(key), list(BIG_FIVE), n=1, cutoff=0.75)
         if close:
             return f" (is {key!r} meant to be {close[0]!r}?)"
     return ""
@@ -200,12 +199,12 @@ def load_big5_chat(
     """Big5-Chat dialogue examples, optionally of one trait and/or pole, at most `limit` of them."""
     want_trait = None if trait is None else _argument(trait, BIG_FIVE, _TRAIT_ALIASES, "trait")
     want_pole = None if pole is None else _argument(pole, POLES, _POLE_ALIASES, "pole")
-    _check_limit(limit)
-    p, text = _read_text(path)
-    columns, rows = _csv_table(p, text)
-    _require_columns(p, columns, _BIG5_CHAT_COLUMNS)
+    check_limit(limit)
+    p, text = read_text(path)
+    columns, rows = csv_table(p, text)
+    require_columns(p, columns, _BIG5_CHAT_COLUMNS)
     examples: list[DialogueExample] = []
-    for line, row in _rows_as_dicts(columns, rows):
+    for line, row in rows_as_dicts(columns, rows):
         if limit is not None and len(examples) >= limit:
             break
         if not any(row[c].strip() for c in _BIG5_CHAT_COLUMNS):
@@ -222,17 +221,17 @@ def load_big5_chat(
 
 
 def _cell(p: Path, line: int, value: str, options, aliases, column: str) -> str:
-    canonical = _match(value, options, aliases)
+    canonical = canonical_name(value, options, aliases)
     if canonical is None:
-        hint = suggestion(_norm(value), options)
+        hint = suggestion(normal_name(value), options)
         raise InputFileError(f"{p}: line {line}: unknown {column} {value!r}{hint}")
     return canonical
 
 
 def _argument(value: str, options, aliases, what: str) -> str:
-    canonical = _match(value, options, aliases)
+    canonical = canonical_name(value, options, aliases)
     if canonical is None:
-        raise PersonaSpecError(f"unknown {what} {value!r}{suggestion(_norm(str(value)), options)}")
+        raise PersonaSpecError(f"unknown {what} {value!r}{suggestion(normal_name(str(value)), options)}")
     return canonical
 
 
@@ -247,16 +246,16 @@ def load_dialogue_openers(path: str | Path, limit: int | None = None) -> list[st
     with the lowest index; without them every non-empty utterance is an opener. The utterance column is
     `utterance` or `speaker_uttr`; `_comma_` (the EmpatheticDialogues escape) becomes a comma.
     """
-    _check_limit(limit)
-    p, text = _read_text(path)
-    columns, rows = _csv_table(p, text, escaped_commas="_comma_" in text)
+    check_limit(limit)
+    p, text = read_text(path)
+    columns, rows = csv_table(p, text, escaped_commas="_comma_" in text)
     text_column = next((c for c in _UTTERANCE_COLUMNS if c in columns), None)
     if text_column is None:
         raise InputFileError(
             f"{p}: missing column 'utterance' (or 'speaker_uttr') (found columns: {', '.join(columns)})"
         )
     utterances = [
-        (line, row, _unescape(row[text_column])) for line, row in _rows_as_dicts(columns, rows)
+        (line, row, _unescape(row[text_column])) for line, row in rows_as_dicts(columns, rows)
     ]
     utterances = [(line, row, u) for line, row, u in utterances if u]
     if "conv_id" in columns and "utterance_idx" in columns:
@@ -286,126 +285,3 @@ def _utterance_index(p: Path, line: int, value: str) -> float:
 
 def _unescape(text: str) -> str:
     return text.replace("_comma_", ",").strip()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared file handling
-
-
-def _read_text(path: str | Path) -> tuple[Path, str]:
-    """The file's text, decoded as UTF-8 with an optional byte-order mark."""
-    p = Path(path)
-    if not p.exists():
-        raise InputFileError(f"{p}: no such file")
-    if not p.is_file():
-        raise InputFileError(f"{p}: not a file")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputFileError(f"{p}: not UTF-8 text (undecodable byte at offset {error.start})") from None
-    except OSError as error:
-        raise InputFileError(f"{p}: cannot be read ({error.strerror or error})") from None
-    if not text.strip():
-        raise InputFileError(f"{p}: the file is empty")
-    return p, text
-
-
-def _csv_table(p: Path, text: str, escaped_commas: bool = False) -> tuple[list[str], Rows]:
-    """Normalised column names and (line number, fields) rows of a CSV (or tab-separated) text.
-
-    Files that escape commas as `_comma_` (EmpatheticDialogues) were written without quoting, so a quote
-    that opens a field is text there: when normal CSV reading gives rows that do not fit the header or
-    fields spanning lines, such a file is read again with quote characters taken literally.
-    """
-    if text.lstrip().startswith(("{", "[")):
-        raise InputFileError(f"{p}: not CSV (it looks like JSON)")
-    header_line = next(line for line in text.splitlines() if line.strip())
-    delimiter = "\t" if "\t" in header_line and "," not in header_line else ","
-    try:
-        quoted = _parse_csv(text, delimiter, csv.QUOTE_MINIMAL)
-    except csv.Error as error:
-        if not escaped_commas:
-            raise InputFileError(f"{p}: not valid CSV ({error})") from None
-        quoted = None
-    if not escaped_commas or (quoted is not None and _fits_header(quoted) and not _spans_lines(quoted)):
-        return _with_columns(p, quoted)
-    try:
-        literal = _parse_csv(text, delimiter, csv.QUOTE_NONE)
-    except csv.Error as error:
-        raise InputFileError(f"{p}: not valid CSV ({error})") from None
-    return _with_columns(p, literal if quoted is None or _fits_header(literal) else quoted)
-
-
-def _parse_csv(text: str, delimiter: str, quoting: int) -> Rows:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    rows = []
-    try:
-        for fields in reader:
-            if any(f.strip() for f in fields):
-                rows.append((reader.line_num, fields))
-    except csv.Error as error:
-        raise csv.Error(f"line {reader.line_num}: {error}") from None
-    return rows
-
-
-def _spans_lines(rows: Rows) -> bool:
-    return any("\n" in f or "\r" in f for _, fields in rows for f in fields)
-
-
-def _fits_header(rows: Rows) -> bool:
-    width = len(rows[0][1]) if rows else 0
-    return all(len(fields) <= width for _, fields in rows)
-
-
-def _with_columns(p: Path, rows: Rows) -> tuple[list[str], Rows]:
-    if not rows:
-        raise InputFileError(f"{p}: the file is empty")
-    columns = [_norm(c).strip('"') for c in rows[0][1]]
-    return columns, rows[1:]
-
-
-def _rows_as_dicts(columns: Sequence[str], rows: Rows) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows as {column: value}; short rows are padded with '', extra fields dropped, first duplicate wins."""
-    for line, fields in rows:
-        row: dict[str, str] = {}
-        for i, column in enumerate(columns):
-            row.setdefault(column, fields[i] if i < len(fields) else "")
-        yield line, row
-
-
-def _require_columns(p: Path, columns: Sequence[str], required: Sequence[str]) -> None:
-    missing = [c for c in required if c not in columns]
-    if missing:
-        found = ", ".join(c for c in columns if c) or "none"
-        raise InputFileError(
-            f"{p}: missing required column(s) {', '.join(repr(c) for c in missing)} (found columns: {found})"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Names
-
-
-def _norm(name: Any) -> str:
-    return str(name).strip().lower()
-
-
-def _match(value: Any, options, aliases: dict[str, str]) -> str | None:
-    """The canonical name `value` stands for (any case, aliases allowed), or None."""
-    name = _norm(value)
-    name = aliases.get(name, name)
-    return name if name in options else None
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit}")
-
-
-def _listing(mapping: dict) -> str:
-    return ", ".join(str(k) for k in mapping) or "none"
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)

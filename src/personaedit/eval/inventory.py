@@ -19,11 +19,6 @@ weight edits) applies, since prompts go through the same chat rendering and forw
 
 from __future__ import annotations
 
-import ast
-import copy
-import functools
-import inspect
-import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -31,12 +26,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from personaedit.data import records
-from personaedit.errors import InputFileError, PersonaEditError
-from personaedit.models.forward import left_pad, position_ids
+from personaedit.errors import PersonaEditError
+from personaedit.eval.ipip import Item, ipip_neo_120
 from personaedit.models.generation import build_messages, render_chat
-from personaedit.models.kvcache import cache_argument, cache_of
-from personaedit.models.hooks import generated_from
 from personaedit.models.loading import LoadedModel
+from personaedit.models.scoring import option_probabilities
 from personaedit.persona import BIG_FIVE, MBTI
 from personaedit.progress import Progress
 
@@ -54,104 +48,6 @@ AGREEMENT_PREFIX = "Answer:"
 AGREEMENT_WORDS = (" Yes", " No")
 AGREEMENT_WORDS_UNSPACED = ("Yes", "No")  # for a vocabulary where both spaced words start with the same token
 SCORINGS = ("agreement", "letters")
-FFM_INSTALL = "pip install ffm==0.1.0"
-
-
-# ---------------------------------------------------------------------------------------------- items
-
-@dataclass(frozen=True)
-class Item:
-    """One IPIP-NEO-120 item: its number (1-120), the first-person text as `ffm` ships it, and its key."""
-
-    number: int
-    text: str
-    trait: str
-    facet: str
-    reverse_keyed: bool
-
-    @property
-    def statement(self) -> str:
-        """The item addressed to the model: 'I worry about things.' -> 'You worry about things.'"""
-        return second_person(self.text)
-
-
-_SECOND_PERSON = ((r"\bI'm\b", "you're"), (r"\bI am\b", "you are"), (r"\bI\b", "you"),
-                  (r"\bmyself\b", "yourself"), (r"\bmy\b", "your"), (r"\bme\b", "you"))
-
-
-def second_person(text: str) -> str:
-    """A first-person item (or an IPIP verb phrase such as 'Worry about things') as a 'You ...' sentence."""
-    text = text.strip()
-    if not re.match(r"I\b", text):
-        text = "I " + text[0].lower() + text[1:]
-    for pattern, replacement in _SECOND_PERSON:
-        text = re.sub(pattern, replacement, text)
-    text = text[0].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
-def ipip_neo_120() -> list[Item]:
-    """The 120 IPIP-NEO items with trait, NEO facet and keying, read from the installed `ffm` package."""
-    return list(_ipip_items())
-
-
-@functools.lru_cache(maxsize=1)
-def _ipip_items() -> tuple[Item, ...]:
-    statements, trait_items, reverse_items = _ffm_tables()
-    items: dict[int, Item] = {}
-    for ffm_trait, numbers in trait_items.items():
-        trait = ffm_trait.lower()
-        # IPIP-NEO-120 order: within a trait the items cycle through its six NEO facets.
-        for position, index in enumerate(sorted(numbers)):
-            facet = BIG_FIVE[trait].facets[position % 6]
-            items[index] = Item(index + 1, statements[index], trait, facet, index in reverse_items[ffm_trait])
-    return tuple(items[i] for i in sorted(items))
-
-
-def _ffm_tables() -> tuple[list[str], dict[str, list[int]], dict[str, set[int]]]:
-    """(statements, trait -> 0-based item indices, trait -> reverse-keyed indices) from ffm's source.
-
-    ffm keeps the keys as literals inside its `score` function; they are read with `ast.literal_eval`
-    (nothing of ffm's scoring runs, so pandas is not needed)."""
-    try:
-        from FFM import core
-    except ImportError as exc:
-        raise InputFileError(f"the IPIP-NEO-120 items come from the package 'ffm', which is not installed: "
-                             f"{FFM_INSTALL}") from exc
-    literals: dict[str, Any] = {}
-    try:
-        tree = ast.parse(inspect.getsource(core))
-        score_fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "score")
-        for node in ast.walk(score_fn):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                if node.targets[0].id in ("trait_items", "reverse_items"):
-                    literals[node.targets[0].id] = ast.literal_eval(node.value)
-        statements = [str(s) for s in core.Qs]
-        trait_items = {str(t): [int(i) for i in v] for t, v in literals["trait_items"].items()}
-        reverse_items = {str(t): {int(i) for i in v} for t, v in literals["reverse_items"].items()}
-    except (StopIteration, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError) as exc:
-        raise InputFileError(f"the installed ffm does not hold the IPIP-NEO-120 tables where expected "
-                             f"({type(exc).__name__}); {FFM_INSTALL}") from exc
-    _check_tables(statements, trait_items, reverse_items)
-    return statements, trait_items, reverse_items
-
-
-def _check_tables(statements: list[str], trait_items: dict[str, list[int]],
-                  reverse_items: dict[str, set[int]]) -> None:
-    traits = {t.lower() for t in trait_items}
-    indices = sorted(i for v in trait_items.values() for i in v)
-    problems = []
-    if len(statements) != 120:
-        problems.append(f"{len(statements)} statements")
-    if traits != set(BIG_FIVE):
-        problems.append(f"traits {sorted(traits)}")
-    if indices != list(range(120)) or any(len(v) != 24 for v in trait_items.values()):
-        problems.append("items not 24 per trait")
-    if any(not reverse_items.get(t, set()) <= set(v) for t, v in trait_items.items()):
-        problems.append("reverse keys outside their trait")
-    if problems:
-        raise InputFileError(f"the installed ffm does not ship the IPIP-NEO-120 as expected "
-                             f"({'; '.join(problems)}); {FFM_INSTALL}")
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -217,75 +113,6 @@ def word_token_ids(tokenizer, text: str, words: Sequence[str], add_special_token
     if len(set(ids)) != len(ids):
         raise PersonaEditError(f"this tokenizer starts {' and '.join(map(repr, words))} with the same token")
     return ids
-
-
-# ------------------------------------------------------------------------------------ next-token probs
-
-def option_probabilities(lm: LoadedModel, texts: Sequence[str], option_ids: Sequence[int], *,
-                         add_special_tokens: bool, batch_size: int = 16, share_prefix: bool = True,
-                         on_progress: Progress | None = None) -> torch.Tensor:
-    """[len(texts), len(option_ids)] next-token probabilities (full-vocabulary softmax) of the options
-    after each text. One forward pass per text, batched and left-padded; the token prefix all texts share
-    (chat template, system prompt, instruction) is run once and its key/value cache reused."""
-    tokenizer = lm.tokenizer
-    encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-    prefix = _shared_prefix(encoded) if share_prefix else []
-    cache = _prefix_cache(lm, prefix) if prefix else None
-    if cache is None:
-        prefix = []
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
-    out = torch.zeros(len(texts), len(option_ids))
-    wanted = torch.tensor(list(option_ids), device=lm.device)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        logits = _last_logits(lm, [encoded[i][len(prefix):] for i in chunk], cache, len(prefix))
-        out[chunk] = logits.float().log_softmax(-1).exp()[:, wanted].cpu()
-        if on_progress:
-            on_progress(min(start + batch_size, len(order)), len(order))
-    return out
-
-
-def _shared_prefix(encoded: Sequence[Sequence[int]]) -> list[int]:
-    """The longest token prefix of all sequences, leaving at least one token of each to run."""
-    if not encoded:
-        return []
-    limit = min(len(e) for e in encoded) - 1
-    first = encoded[0]
-    n = 0
-    while n < limit and all(e[n] == first[n] for e in encoded):
-        n += 1
-    return list(first[:n])
-
-
-def _forward_options(lm: LoadedModel) -> dict[str, Any]:
-    parameters = inspect.signature(lm.model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-
-
-def _prefix_cache(lm: LoadedModel, prefix: list[int]):
-    """The key/value cache of `prefix` (batch 1), or None when the model's cache cannot be shared."""
-    ids = torch.tensor([prefix], device=lm.device)
-    with torch.no_grad(), generated_from(torch.tensor([len(prefix)])):  # no prefix position is generated
-        output = lm.model(input_ids=ids, use_cache=True, **_forward_options(lm))
-    cache = cache_of(output)
-    return cache if hasattr(cache, "batch_repeat_interleave") else None
-
-
-def _last_logits(lm: LoadedModel, rows: list[list[int]], cache, prefix_len: int) -> torch.Tensor:
-    """Logits at the last position of each row (left-padded), continuing the prefix cache if given."""
-    batch = left_pad(lm, rows)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    options: dict[str, Any] = {"position_ids": position_ids(mask, prefix_len), **_forward_options(lm)}
-    if cache is not None:
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(rows))
-        ones = torch.ones(len(rows), prefix_len, dtype=mask.dtype, device=lm.device)
-        options.update({cache_argument(lm.model): past}, use_cache=True, attention_mask=torch.cat([ones, mask], dim=1))
-    else:
-        options.update(attention_mask=mask, use_cache=False)
-    with torch.no_grad():
-        output = lm.model(input_ids=ids, **options)
-    return output.logits[:, -1]
 
 
 # ---------------------------------------------------------------------------------- pure scoring steps

@@ -16,6 +16,8 @@ import numpy as np
 
 from personaedit.data import records
 from personaedit.eval import judge_training
+from personaedit.eval.judge_data import split_texts
+from personaedit.eval.judge_metrics import specificity
 from personaedit.eval.judge_adapter import AdapterTrainer, examples, save_adapter
 from personaedit.eval.judge_math import Standardiser, accuracy, balanced_weights, fit_softmax, log_softmax
 from personaedit.eval.text_judge import (AXES, DIMENSIONS, HEAD_FORMS, JUDGE_ENCODER, TRAITS, JudgeHead, TextJudge,
@@ -199,7 +201,7 @@ def train_text_judge(
     encoder = encoder or SentenceEncoder(encoder=key)
     splits = ("train", "validation", "test")
     sets = {s: split_sets(s) for s in splits}
-    texts = {s: judge_training.split_texts(s) for s in splits}
+    texts = {s: split_texts(s) for s in splits}
     labelled = {(s, name): v for s in splits for name, v in sets[s].items()}
     labelled.update({(s, "all"): (texts[s].texts, np.zeros(len(texts[s]))) for s in splits})
     flat = encode_sets(labelled, encoder, on_progress)
@@ -221,7 +223,7 @@ def train_text_judge(
     metrics: dict[str, Any] = {s: pole_accuracies(head, by_split[s]) for s in splits}
     summary = {}
     for s in ("validation", "test"):
-        spec = judge_training.specificity(head.class_probabilities(flat[(s, "all")][0]), texts[s])
+        spec = specificity(head.class_probabilities(flat[(s, "all")][0]), texts[s])
         summary[s] = {"off_target_mean_abs": spec["off_target_mean_abs"],
                       "max_abs_r": {k: v["max_abs_off_diagonal"] for k, v in spec["intercorrelation"].items()},
                       "ece_three_way": spec["calibration"]["three_way_top_label"]["ece"]}
