@@ -73,9 +73,9 @@ class Edit(ABC):
 
     method: str
     persona: Persona | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the fit's options as recorded, and what it resolved
     base: BaseModelInfo | None = None
-    scale: float = 1.0
+    scale: float = 1.0  # this edit's own multiplier: applied at strength s it acts at s × scale
 
     kind: ClassVar[str] = ""
 

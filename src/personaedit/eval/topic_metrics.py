@@ -72,13 +72,13 @@ def topic_metrics(lm: LoadedModel, edit: Edit, persona: Persona, topic: str, jud
     base = _replies(lm, questions, max_new_tokens)
     with scaled.apply(lm, force=force):
         edited = _replies(lm, questions, max_new_tokens)
-    keep = coherent_pairs(base, edited)
+    coherent = coherent_pairs(base, edited)
     index = list(BIG_FIVE).index(trait)
-    result.update({"replies": {"base": base, "edited": edited}, "coherent_pairs": len(keep), "pairs": len(base),
+    result.update({"replies": {"base": base, "edited": edited}, "coherent_pairs": len(coherent), "pairs": len(base),
                    "acc": math.nan, "tpei": math.nan, "pae": None})
-    if keep:
-        base_probs = judge.trait_probabilities([base[i] for i in keep])
-        edited_probs = judge.trait_probabilities([edited[i] for i in keep])
+    if coherent:
+        base_probs = judge.trait_probabilities([base[i] for i in coherent])
+        edited_probs = judge.trait_probabilities([edited[i] for i in coherent])
         result["acc"] = accuracy(edited_probs, index)
         result["tpei"] = tpei(base_probs, edited_probs, index)
     if llm_judge is not None:

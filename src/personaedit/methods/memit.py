@@ -65,11 +65,11 @@ def fit(
     moments = second_moments(lm, chosen, samples)
 
     tokenised, targets = [], []
-    for done, (request, scale, _) in enumerate(requests):
+    for done, (request, magnitude, _) in enumerate(requests):
         tokens = tokenise_request(lm, request, prefixes, value.subject_token)
         optimised = optimise_delta(lm, request, tokens, ("residual", top), value)
         tokenised.append(tokens)
-        targets.append(optimised.reference + optimised.delta * scale)
+        targets.append(optimised.reference + optimised.delta * magnitude)
         if on_progress:
             on_progress(done + 1, total)
     z = torch.stack(targets, dim=1).double()  # [hidden, n]

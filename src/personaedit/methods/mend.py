@@ -78,5 +78,5 @@ def fit(
         # ΔW = scaled_deltaᵀ u_tilde in [out, in] layout
         u, v = lm.arch.mlp_out_factors(layer, scaled_delta.T.cpu().contiguous(), u_tilde.T.cpu().contiguous())
         deltas[lm.arch.mlp_out_param(layer)] = Delta(u=u, v=v)
-    options = {"topic": topic, "editor": str(folder), "layers": trained.layers, "pairs": [list(p) for p in pairs]}
-    return WeightEdit(method="mend", persona=persona, options=options, base=BaseModelInfo.of(lm), deltas=deltas)
+    recorded = {"topic": topic, "editor": str(folder), "layers": trained.layers, "pairs": [list(p) for p in pairs]}
+    return WeightEdit(method="mend", persona=persona, options=recorded, base=BaseModelInfo.of(lm), deltas=deltas)

@@ -217,7 +217,7 @@ def updated(lm: LoadedModel, update: Factors) -> Iterator[None]:
     """Run the model as if W_l += Σ_t a_t b_tᵀ for (b [T, in], a [T, out]) = update[l], differentiably."""
     stash: dict[int, torch.Tensor] = {}
 
-    def keep(l: int):
+    def stash_input(l: int):
         def fn(x: torch.Tensor) -> None:
             stash[l] = x
         return fn
@@ -229,7 +229,7 @@ def updated(lm: LoadedModel, update: Factors) -> Iterator[None]:
             return h + ((stash[l].to(b.dtype) @ b.T) @ a).to(h.dtype)
         return fn
 
-    with hooked(lm.arch, [("mlp_hidden", l, keep(l)) for l in update] + [("mlp_out", l, add(l)) for l in update]):
+    with hooked(lm.arch, [("mlp_hidden", l, stash_input(l)) for l in update] + [("mlp_out", l, add(l)) for l in update]):
         yield
 
 

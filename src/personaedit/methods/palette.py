@@ -79,11 +79,11 @@ def fit(
     def so_far() -> WeightEdit:
         return WeightEdit(method="palette", deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})
 
-    for done, (request, scale, query_id) in enumerate(requests):
-        keep = torch.stack(keys, 1) if protect and keys else None
+    for done, (request, magnitude, query_id) in enumerate(requests):
+        protected = torch.stack(keys, 1) if protect and keys else None
         with so_far().apply(lm) if us else contextlib.nullcontext():
-            update = edit_request(lm, request, chosen, prefixes, value, keep=keep)
-        us.append(update.u * scale)
+            update = edit_request(lm, request, chosen, prefixes, value, protected=protected)
+        us.append(update.u * magnitude)
         vs.append(update.v)
         keys.append(update.key)
         fitted[query_id] = update.info

@@ -16,16 +16,16 @@ from personaedit.models.loading import LoadedModel
 
 
 def rank_one(key: torch.Tensor, delta: torch.Tensor, inverse_moment: torch.Tensor | None = None,
-             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             protected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u [out], v [in]) of ΔW = u vᵀ in [out, in] layout with ΔW k* = δ:
     v = C⁻¹k*, u = δ / (k*ᵀ C⁻¹ k*) (C = I without covariance adjustment).
 
-    `keep` ([in, m], earlier keys): v is also made orthogonal to them, so ΔW maps each to 0 and
+    `protected` ([in, m], earlier keys): v is also made orthogonal to them, so ΔW maps each to 0 and
     leaves what earlier edits made of them as it was."""
     key64 = key.double()
     v = key64 if inverse_moment is None else inverse_moment.to(key64.device) @ key64
-    if keep is not None and keep.shape[1]:
-        basis, _ = torch.linalg.qr(keep.double().to(v.device))
+    if protected is not None and protected.shape[1]:
+        basis, _ = torch.linalg.qr(protected.double().to(v.device))
         v = v - basis @ (basis.T @ v)
     u = delta.double() / float(key64 @ v)
     return u.float(), v.float()
@@ -48,12 +48,12 @@ class RankOne:
     info: dict[str, float]
 
 
-def edit_request(lm: LoadedModel, request: Request, layer: int, prefixes: Sequence[str], options: ValueOptions, *,
-                 inverse_moment: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> RankOne:
+def edit_request(lm: LoadedModel, request: Request, layer: int, prefixes: Sequence[str], value_options: ValueOptions,
+                 *, inverse_moment: torch.Tensor | None = None, protected: torch.Tensor | None = None) -> RankOne:
     """r-ROME for one request on the model as it is now: averaged key, value optimised at that key's output
-    (`keep`: earlier keys the update must leave alone, see `rank_one`)."""
-    tokens = tokenise_request(lm, request, prefixes, options.subject_token)
+    (`protected`: earlier keys the update must leave alone, see `rank_one`)."""
+    tokens = tokenise_request(lm, request, prefixes, value_options.subject_token)
     # The mean `down_proj` output over prefixes is W k* + b for the mean key k*: v₀ of the consistent key.
-    value = optimise_delta(lm, request, tokens, ("mlp_out", layer), options, key_layer=layer)
-    u, v = rank_one(value.key, value.delta, inverse_moment, keep)
+    value = optimise_delta(lm, request, tokens, ("mlp_out", layer), value_options, key_layer=layer)
+    u, v = rank_one(value.key, value.delta, inverse_moment, protected)
     return RankOne(u, v, value.key, {**value.info, "delta_norm": float(value.delta.norm()), "value_norm": float(value.reference.norm())})

@@ -58,10 +58,10 @@ def fit(lm: LoadedModel, persona: Persona, *, topic: str, encoder: str = "minilm
     topics = tuple(t.strip() for t in topic.split(",") if t.strip())
     if not topics:
         raise PersonaEditError("serac edits the opinions on given topics: give --topic (comma-separated for several)")
-    options: dict[str, object] = {"topic": ",".join(topics), "encoder": encoder}
+    recorded: dict[str, object] = {"topic": ",".join(topics), "encoder": encoder}
     if threshold is None:
         threshold, recall, specificity = fitted_threshold(encoder)
-        options["scope_fit"] = {"split": "train", "recall": recall, "specificity": specificity}
+        recorded["scope_fit"] = {"split": "train", "recall": recall, "specificity": specificity}
     keys = torch.as_tensor(np.asarray(scope_encoder(encoder)(list(topics)), dtype=np.float32))
-    return RoutedEdit(method="serac", persona=persona, options=options, topics=topics, keys=keys,
+    return RoutedEdit(method="serac", persona=persona, options=recorded, topics=topics, keys=keys,
                       threshold=float(threshold), encoder=encoder)
