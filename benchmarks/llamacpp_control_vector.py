@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_venv import engine_python  # noqa: E402
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 DEFAULT_VENV = Path.home() / ".cache" / "personaedit" / "llamacpp-venv"
 PERSONA = "extraversion=high"
@@ -99,17 +102,13 @@ json.dump({"n_embd": n_embd, "n_layer": n_layer, "results": results}, open(sys.a
 
 
 def ensure_llama_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import llama_cpp, gguf"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    print(f"building {LLAMA_CPP_PYTHON} from source in {venv} (many minutes on 2 cores)", flush=True)
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", LLAMA_CPP_PYTHON, "gguf"],
-                   check=True, env=env)
-    return python
+    def install(python: Path) -> None:
+        print(f"building {LLAMA_CPP_PYTHON} from source in {venv} (many minutes on 2 cores)", flush=True)
+        env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+        subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", LLAMA_CPP_PYTHON, "gguf"],
+                       check=True, env=env)
+
+    return engine_python(venv, "import llama_cpp, gguf", install)
 
 
 def main() -> None:

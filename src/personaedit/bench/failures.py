@@ -4,37 +4,24 @@ named rather than lost. The results themselves (table `cells`) hold only finishe
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS failures (
-    key TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    worker TEXT NOT NULL,
-    error TEXT NOT NULL,
-    failed REAL NOT NULL
-);
-"""
+from personaedit.bench.tables import Tables
 
 
-class FailureLog:
+class FailureLog(Tables):
     """The `failures` table of a results store (created on first use)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(Path(path), timeout=30)
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> "FailureLog":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS failures (
+        key TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        error TEXT NOT NULL,
+        failed REAL NOT NULL
+    );
+    """
 
     def record(self, keys: Sequence[str], attempt: int, worker: str, error: str) -> None:
         """One failed attempt at the cells `keys` (one task ran them together), written in one transaction."""

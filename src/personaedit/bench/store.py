@@ -9,43 +9,26 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from personaedit.bench.tables import Tables
 from personaedit.errors import PersonaEditError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    key TEXT PRIMARY KEY, value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cells (
-    key TEXT PRIMARY KEY,
-    method TEXT NOT NULL,
-    persona TEXT NOT NULL,
-    strength REAL NOT NULL,
-    result TEXT NOT NULL,
-    finished REAL NOT NULL
-);
-"""
 
-
-class ResultStore:
+class ResultStore(Tables):
     """`results.sqlite` in the bench folder; also remembers the model and suite it was made with."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, timeout=30)
-            self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise PersonaEditError(f"{self.path} is not a personaedit results store: {exc}") from None
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> "ResultStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS runs (
+        key TEXT PRIMARY KEY, value TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS cells (
+        key TEXT PRIMARY KEY,
+        method TEXT NOT NULL,
+        persona TEXT NOT NULL,
+        strength REAL NOT NULL,
+        result TEXT NOT NULL,
+        finished REAL NOT NULL
+    );
+    """
 
     # --- run identity -------------------------------------------------------------------------
     def check_run(self, identity: dict[str, Any], method_options: dict[str, dict[str, Any]] | None = None) -> None:
