@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personaedit.edits import Edit
-from personaedit.models.generation import render_chat
+from personaedit.models.generation import TRANSCRIPT_TURN, render_chat
 from personaedit.models.loading import LoadedModel
 from personaedit.serve.batcher import ContinuousBatcher
 from personaedit.serve.catalog import EditCatalog, RequestError
@@ -125,7 +125,7 @@ def create_app(lm: LoadedModel, edits: Mapping[str, tuple[Edit, float]] | None =
     async def _failed(_request: Request, exc: Exception) -> JSONResponse:
         return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
 
-    def row(ids: list[int], body, edit) -> RowRequest:
+    def row(ids: list[int], body, edit, turn_end: tuple[str, ...] = ()) -> RowRequest:
         limit = body.token_limit() or default_max_tokens
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
@@ -133,19 +133,22 @@ def create_app(lm: LoadedModel, edits: Mapping[str, tuple[Edit, float]] | None =
             raise RequestError(f"{len(ids)} prompt tokens plus max_tokens {limit} exceed this model's "
                                f"{position_limit} positions", param="max_tokens", code="context_length_exceeded")
         return RowRequest(ids, limit, edit=edit, temperature=body.temperature,
-                          top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops())
+                          top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops() + turn_end)
 
     async def resolve(body):
         return await asyncio.to_thread(catalog.resolve, body.model, body.persona, body.strength, body.method)
 
-    def chat_ids(body: ChatCompletionRequest, edit) -> list[int]:
+    def chat_ids(body: ChatCompletionRequest, edit) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt's token ids, and the stop that ends the reply: a model without a chat template answers a
+        plain transcript and would go on to write the user's next turn (as `generate` stops it)."""
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         providers = edit[0].context_entries(edit[1]) if edit else []
         try:
             text, uses_template = render_chat(lm.tokenizer, conversation(messages, providers))
         except Exception as exc:  # noqa: BLE001 - chat templates raise their own errors for bad role orders
             raise RequestError(f"the messages do not fit the model's chat template: {exc}", param="messages") from None
-        return lm.tokenizer(text, add_special_tokens=not uses_template)["input_ids"]
+        turn_end = () if uses_template else (TRANSCRIPT_TURN,)
+        return lm.tokenizer(text, add_special_tokens=not uses_template)["input_ids"], turn_end
 
     async def run(rows: _Rows, body, kind: str, model: str):
         """A JSON response, or an SSE stream, for the rows of one request."""
@@ -210,7 +213,8 @@ def create_app(lm: LoadedModel, edits: Mapping[str, tuple[Edit, float]] | None =
     async def chat_completions(body: ChatCompletionRequest):
         edit = await resolve(body)
         rows = _Rows(asyncio.get_running_loop())
-        rows.add(row(chat_ids(body, edit), body, edit))
+        ids, turn_end = chat_ids(body, edit)
+        rows.add(row(ids, body, edit, turn_end))
         return await run(rows, body, "chat", body.model)
 
     @app.post("/v1/completions")
