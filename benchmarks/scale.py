@@ -11,13 +11,17 @@ model measurements the model loaded and run once):
 - capture: the residual stream at the middle half of the layers for 16 contrastive prompts (last token).
 - steer fit and dpnle fit: `fit_edit` with 8 contrastive pairs (the defaults use 256 / 1000: the time per pair is
   what scales).
-- generation: 4 prompts, exactly 16 new tokens, with and without the steer edit, interleaved (2 repeats).
+- generation: 4 prompts, exactly 16 new tokens, with and without the steer edit, interleaved (a warm-up round,
+  then 3 timed repeats; medians).
 - r-ROME: one edit of `down_proj` at the default layer, 10 optimisation steps and 2 prefixes (the defaults are
   25 and 5: fewer, so that the 1B model fits the time of a run on 2 shared cores; the trend is what is read).
-Random weights make the texts meaningless; only time and memory are read here.
+Random weights make the texts meaningless; only time and memory are read here. The model measurements share one
+process, and memory the allocator kept from an earlier measurement can serve a later one without raising the
+resident set, so the table gives each measurement's absolute process peak next to the process with the model loaded
+and run once, not a difference.
 
 Run: python benchmarks/scale.py [--sizes 135m,360m,1b,1.7b] [--merge-only 1.7b] [--plot docs/scale.png]
-     [--json scale.json]
+     [--json scale.json]; python benchmarks/scale.py --from-json scale.json [--plot ...] prints a stored run again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import row  # noqa: E402
-from peers.peerlib import RSS_FUNCTION, fail, load_average  # noqa: E402
+from peers.peerlib import RSS_FUNCTION, fail, load_average, recorded  # noqa: E402
 
 from personaedit.fileio import atomic_path, write_json_atomic  # noqa: E402
 
@@ -111,7 +116,7 @@ print(json.dumps({"merge": {"seconds": time.perf_counter() - start, "peak_mb": r
 # The model measurements in one process that loads the model once: before each, the peak is reset to the current
 # resident set (writing 5 to /proc/self/clear_refs, Linux >= 4.0), so each peak is its own.
 MEASURE = RSS_FUNCTION + r"""
-import contextlib, json, sys, time
+import contextlib, json, statistics, sys, time
 import torch
 from personaedit.data import records
 from personaedit.methods import fit_edit
@@ -138,14 +143,15 @@ def generation():
     texts, templated = render_prompts(lm, [(None, r["question"]) for r in records("neutral_questions", "train")[:4]])
     batch = encode_prompts(lm, texts, add_special_tokens=not templated)
     rates = {"none": [], "steer": []}
-    for _ in range(2):  # interleaved
+    for repeat in range(4):  # interleaved; the first round warms up (its times are not kept)
         for name in rates:
             with edit.apply(lm) if name == "steer" else contextlib.nullcontext():
                 began = time.perf_counter()
                 lm.model.generate(**batch, max_new_tokens=16, min_new_tokens=16, do_sample=False, temperature=None,
                                   top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
-                rates[name].append(batch["input_ids"].shape[0] * 16 / (time.perf_counter() - began))
-    return {"tok_s": max(rates["none"]), "tok_s_steer": max(rates["steer"]),
+                if repeat:
+                    rates[name].append(batch["input_ids"].shape[0] * 16 / (time.perf_counter() - began))
+    return {"tok_s": statistics.median(rates["none"]), "tok_s_steer": statistics.median(rates["steer"]),
             "ratio": [s / n for s, n in zip(rates["steer"], rates["none"])]}
 
 phases = {"capture": capture_once, "steer": lambda: fit_edit("steer", lm, "extraversion=high", pairs=8),
@@ -203,13 +209,20 @@ def measure_size(size: str, measurements: list[str], tmp: Path, merge_method: st
     return result
 
 
-def _cell(r: dict, what: str, peak: bool = False, above: bool = False) -> str:
+def _cell(r: dict, what: str, peak: bool = False) -> str:
     if what not in r:
         return "—"
     m = r[what]
     if not peak:
         return f"{m['seconds']:.1f}"
-    return f"{m['seconds']:.1f} / {m['peak_mb'] - (m['floor_mb'] if above else 0):.0f}"
+    return f"{m['seconds']:.1f} / {m['peak_mb']:.0f}"
+
+
+def _loaded(r: dict) -> str:
+    """The resident set of the measuring process with the model loaded and run once: the first model
+    measurement's floor (later floors include what the allocator kept from earlier measurements)."""
+    first = next((r[m] for m in MEASUREMENTS if m != "merge" and m in r), None)
+    return "—" if first is None else f"{first['floor_mb']:.0f}"
 
 
 def _generation_cell(r: dict) -> str:
@@ -221,12 +234,13 @@ def _generation_cell(r: dict) -> str:
 
 def report(results: list[dict]) -> None:
     print("| model | parameters | largest tensor | merge s / peak MiB | capture 16 prompts s | steer fit 8 pairs s "
-          "| dpnle fit 8 pairs s | tok/s no edit / steer (ratio) | r-ROME s / peak above the loaded model MiB | load average |")
-    print("|" + "---|" * 10)
+          "| dpnle fit 8 pairs s | tok/s no edit / steer (ratio) | model loaded and run MiB | r-ROME s / process peak MiB "
+          "| load average |")
+    print("|" + "---|" * 11)
     for r in results:
         print(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['largest_mb']:.0f} MiB | {_cell(r, 'merge', True)} "
               f"| {_cell(r, 'capture')} | {_cell(r, 'steer')} | {_cell(r, 'dpnle')} | {_generation_cell(r)} "
-              f"| {_cell(r, 'rome', True, above=True)} | {r['load']['start']} → {r['load']['end']} |")
+              f"| {_loaded(r)} | {_cell(r, 'rome', True)} | {r['load']['start']} → {r['load']['end']} |")
     merged = [r for r in results if "merge" in r]
     if len(merged) >= 2:
         peaks = [r["merge"]["peak_mb"] for r in merged]
@@ -238,7 +252,7 @@ def report(results: list[dict]) -> None:
                       f"<= {bound:.0f} MiB", r["merge"]["peak_mb"] <= bound))
     for r in results:
         if "generation" in r:
-            ratio = sorted(r["generation"]["ratio"])[len(r["generation"]["ratio"]) // 2]
+            ratio = statistics.median(r["generation"]["ratio"])
             print(row(f"{r['size']}: steer-edited / unedited tok/s", f"{ratio:.2f}x", ">= 0.95x", ratio >= 0.95))
 
 
@@ -279,13 +293,30 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write the cost plot here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic models (default: under /tmp)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: print the table (and --plot) of the results a run wrote with --json")
     args = parser.parse_args()
+    if args.from_json is not None:
+        try:
+            results = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read --from-json {args.from_json}: {exc}")
+        print(f"the measurements {args.from_json} holds (not measured again)")
+        report(results)
+        if args.plot:
+            plot(results, args.plot)
+        return
     sizes = [s for s in args.sizes.split(",") if s]
     merge_only = [s for s in args.merge_only.split(",") if s]
     measurements = [m for m in args.measure.split(",") if m]
     bad = [s for s in sizes + merge_only if s not in LAYOUTS] + [m for m in measurements if m not in MEASUREMENTS]
     if bad:
         fail(f"unknown size or measurement {bad[0]!r} (sizes: {', '.join(LAYOUTS)}; measurements: {', '.join(MEASUREMENTS)})")
+    with recorded("scale"):  # kept in benchmarks/peers/results/scale.txt: run.py --peers --stored prints its rows
+        measure_all(args, sizes, merge_only, measurements)
+
+
+def measure_all(args: argparse.Namespace, sizes: list[str], merge_only: list[str], measurements: list[str]) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work) as tmp:
         for size in sizes:
