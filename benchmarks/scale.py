@@ -312,7 +312,8 @@ def main() -> None:
     bad = [s for s in sizes + merge_only if s not in LAYOUTS] + [m for m in measurements if m not in MEASUREMENTS]
     if bad:
         fail(f"unknown size or measurement {bad[0]!r} (sizes: {', '.join(LAYOUTS)}; measurements: {', '.join(MEASUREMENTS)})")
-    with recorded("scale"):  # kept in benchmarks/peers/results/scale.txt: run.py --peers --stored prints its rows
+    # kept in benchmarks/peers/results/scale[-MEASUREMENTS].txt: run.py --peers --stored prints its rows
+    with recorded("scale" + ("" if measurements == list(MEASUREMENTS) else "-" + "+".join(measurements))):
         measure_all(args, sizes, merge_only, measurements)
 
 

@@ -207,5 +207,6 @@ def recorded(name: str) -> Iterator[None]:
         sys.stdout = real
     header = [f"# command: {command}", f"# started {began} UTC, ended {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} "
               f"UTC; commit {_commit()}; load average {load} at the start, {load_average()} at the end; "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+              + "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))]
     write_text_atomic(RESULTS / f"{name}.txt", "\n".join(header) + "\n" + kept.getvalue())
