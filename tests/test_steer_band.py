@@ -28,3 +28,13 @@ def test_one_layer_or_auto_still_steers_a_single_layer(lm):
     auto = fit_edit("steer", lm, "extraversion=high", **FAST)
     assert [i.layer for i in one.interventions] == [1] and len(auto.interventions) == 1
     assert one.options["fitted"]["extraversion"]["layer"] == 1
+
+
+def test_equal_norms_keep_each_layers_direction_at_the_bands_mean_norm(lm):
+    plain = fit_edit("steer", lm, "extraversion=high", layer="0-2", scale=3.0, **FAST)
+    equal = fit_edit("steer", lm, "extraversion=high", layer="0-2", scale=3.0, equal_norms=True, **FAST)
+    norms = torch.stack([item.values.norm() for item in plain.interventions])
+    for before, after in zip(plain.interventions, equal.interventions):
+        assert torch.isclose(after.values.norm(), norms.mean(), rtol=1e-4)
+        torch.testing.assert_close(after.values / after.values.norm(), before.values / before.values.norm())
+    assert not torch.allclose(norms, norms.mean())  # the differences' norms did differ

@@ -39,6 +39,7 @@ def fit(
     layer: str = "auto",
     pairs: int = 256,
     scale: float = 8.0,
+    equal_norms: bool = False,
     activation: ActivationOptions = ActivationOptions(),
     on_progress: Progress | None = None,
 ) -> ActivationEdit:
@@ -49,6 +50,8 @@ def fit(
             (10-20 or 4,8,12: each with its own mean difference, the strength shared evenly among them)
         pairs: contrastive prompt pairs per dimension
         scale: what strength 1 means, in multiples of the mean difference
+        equal_norms: on a band, give every layer's direction the band's mean norm (as repeng's unit directions at
+            one coefficient) instead of its own mean difference's, which grows with depth
 
     With the options activation methods share (ActivationOptions).
     """
@@ -68,9 +71,12 @@ def fit(
             best = max(candidates, key=lambda l: ranked[l])
             steered = [best]
             chosen[dim.name] = {"layer": best, "probe_accuracy": ranked[best][0], "separation": ranked[best][1]}
+        differences = {l: high[("residual", l)].mean(0) - low[("residual", l)].mean(0) for l in steered}
+        if equal_norms:
+            mean_norm = sum(d.norm() for d in differences.values()) / len(differences)
+            differences = {l: d * (mean_norm / d.norm().clamp_min(1e-8)) for l, d in differences.items()}
         share = level * scale / len(steered)  # a band shares the strength evenly among its layers
-        return [Intervention("residual", l, (high[("residual", l)].mean(0) - low[("residual", l)].mean(0)) * share,
-                             positions=activation.positions) for l in steered]
+        return [Intervention("residual", l, differences[l] * share, positions=activation.positions) for l in steered]
 
     interventions = per_dimension(persona, fit_one)
     # What the fit found; fit_edit records every option beside it.
