@@ -104,6 +104,7 @@ def test_repeng_best_strength_within_a_coherence_budget():
 
 def test_peer_scripts_refuse_bad_input_before_any_work():
     for script, args in (("peers/mergekit_vs.py", ["--cases", "ties,nope"]), ("peers/repeng_vs.py", ["--strengths", "x"]),
+                         ("peers/repeng_vs.py", ["--steer", "layer 13-25"]),
                          ("peers/easyedit_vs.py", ["--easyedit", "/nonexistent"]), ("scale.py", ["--sizes", "2t"]),
                          ("run.py", ["--stored"])):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=60)

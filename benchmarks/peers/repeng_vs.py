@@ -7,8 +7,9 @@ chat template, as repeng does for chat models) — and `ControlVector.train` (PC
 unit direction per layer). The README's suffix file is not in the wheel; the suffixes are the token prefixes (1 … 11 tokens) of
 16 of this package's training-split neutral texts, the same kind of truncated plain statements: 176 pairs, against
 steer's 256 (its default).
-personaedit fits `edit steer --persona extraversion=high` with its defaults; a negative strength asks for the low
-pole, as a negative coefficient does in repeng.
+personaedit fits `edit steer --persona extraversion=high` with its defaults (or the options given with `--steer`,
+e.g. `--layer 13-25 --equal-norms`: repeng's band of layers); a negative strength asks for the low pole, as a
+negative coefficient does in repeng.
 
 Measured:
 - fit: both whole commands (model load included) in turn, A B A B; wall, CPU, peak RSS. personaedit runs with a
@@ -26,7 +27,7 @@ Measured:
 - generation: 16 prompts, exactly 48 new tokens each (min = max), with and without the edit, interleaved, through
   the same `generate` of transformers in both tools; tokens per second.
 
-Run: python benchmarks/peers/repeng_vs.py [--pairs 3] [--work DIR]
+Run: python benchmarks/peers/repeng_vs.py [--pairs 3] [--steer '--layer 13-25 --equal-norms'] [--work DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--neutral", type=int, default=20, help="neutral test questions besides the 20 extraversion ones")
     parser.add_argument("--peer-coefficients", default=",".join(map(str, PEER_COEFFICIENTS)))
     parser.add_argument("--strengths", default=",".join(map(str, OUR_STRENGTHS)))
+    parser.add_argument("--steer", default="",
+                        help="further `edit steer` options for ours, e.g. '--layer 13-25 --equal-norms' (repeng's band)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--reuse-fit", action="store_true",
                         help="with --work: reuse the fit pairs and both edits a previous run left there")
@@ -220,11 +225,18 @@ def main() -> None:
         fail("--peer-coefficients and --strengths are comma-separated numbers")
     if args.pairs < 1 or min(coefficients + strengths) <= 0:
         fail("--pairs >= 1; strengths and coefficients > 0 (the low pole is their negation)")
-    with recorded("repeng_vs"):
-        compare(args, strengths, coefficients)
+    try:
+        steer_options = shlex.split(args.steer)
+    except ValueError as exc:
+        fail(f"--steer: {exc}")
+    if steer_options and not steer_options[0].startswith("--"):
+        fail(f"--steer takes `edit steer` options (--layer 13-25 ...), not {steer_options[0]!r}")
+    suffix = re.sub(r"[^\w.=+-]+", "_", " ".join(steer_options).replace("--", "")).strip("_")
+    with recorded("repeng_vs" + (f"-{suffix}" if suffix else "")):
+        compare(args, strengths, coefficients, steer_options)
 
 
-def compare(args: argparse.Namespace, strengths: list[float], coefficients: list[float]) -> None:
+def compare(args: argparse.Namespace, strengths: list[float], coefficients: list[float], steer_options: list[str]) -> None:
     peer_python = ensure_venv("repeng", REPENG)
     work = args.work or Path(tempfile.mkdtemp(prefix="repeng-vs-"))
     try:
@@ -236,7 +248,8 @@ def compare(args: argparse.Namespace, strengths: list[float], coefficients: list
         fit_spec = {"mode": "fit", "model": inputs["model"], "stops": inputs["stops"], "texts": inputs["texts"],
                     "suffix_tokens": SUFFIX_TOKENS, "template": TEMPLATE, "positive": POSITIVE, "negative": NEGATIVE,
                     "out": str(peer_vector)}
-        ours = [PERSONAEDIT, "edit", "steer", "--model", "default", "--persona", "extraversion=high", "--out", str(ours_dir)]
+        ours = [PERSONAEDIT, "edit", "steer", "--model", "default", "--persona", "extraversion=high", *steer_options,
+                "--out", str(ours_dir)]
         peer = [str(peer_python), "-c", PEER, json.dumps(fit_spec)]
         record = work / "fit.json"
         if args.reuse_fit and record.is_file() and ours_dir.is_dir() and peer_vector.is_file():
