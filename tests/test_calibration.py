@@ -34,8 +34,10 @@ def test_validation_questions_start_with_the_persona_traits_and_never_touch_the_
 def test_calibration_picks_the_largest_effect_within_the_budget(lm, steer_options):
     persona = Persona.parse("extraversion=high")
     result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(50.0, 0.0), **FAST)
-    _, strengths = search_space("steer", lm)
-    assert [t["strength"] for t in result["trials"]] == strengths
+    options, strengths = search_space("steer", lm)
+    # the probe's layer, with the prompt steered too, and a band of repeng's layers scaled to 3
+    assert options == [{}, {"prompt_too": True}, {"layer": "1-2", "prompt_too": True}]
+    assert [(t["options"], t["strength"]) for t in result["trials"]] == [(o, s) for o in options for s in strengths]
     best = max(result["trials"], key=lambda t: t["effect"]["mean"])
     assert result["chosen"] == best and result["split"] == "validation"
     for trial in result["trials"]:
@@ -70,7 +72,7 @@ def test_a_calibrated_edit_carries_its_choice_and_means_it_at_strength_one(lm, s
     edit = calibrated_edit(lm, "steer", persona, result, **STEER)
     chosen = result["chosen"]
     assert edit.scale == chosen["strength"] and edit.options["calibration"]["validation"] == chosen
-    plain = fit_edit("steer", lm, persona, **STEER)
+    plain = fit_edit("steer", lm, persona, **{**STEER, **chosen["options"]})
     ids = torch.randint(3, 300, (1, 6))
     with edit.apply(lm), torch.no_grad():
         calibrated_logits = lm.model(ids).logits

@@ -49,8 +49,10 @@ class Budget:
 
 def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], list[float]]:
     """(fit option sets, strengths) tried for `method` on `lm`."""
-    if method == "steer":  # the layer is chosen by a probe at fit time; strength 1 is 8× the mean difference
-        return [{}], [0.5, 1.0, 1.5, 2.0, 3.0]
+    if method == "steer":  # CAA's generated positions at the probe's layer; the prompt too (ActAdd, repeng), there
+        n = lm.arch.num_layers  # or on a band: repeng's layers (−5 … −17 of 30 in its README) scaled to the depth
+        band = f"{round(n * 13 / 30)}-{round(n * 25 / 30)}"  # strength 1 is 8× the mean difference
+        return [{}, {"prompt_too": True}, {"layer": band, "prompt_too": True}], [0.25, 0.5, 0.75, 1.0, 1.5]
     if method == "npti":  # the reference sweeps its `val` over 0.6–1.5
         return [{}], [0.6, 1.0, 1.5, 2.0, 3.0]
     if method == "dpnle":  # the reference's layers scaled to the depth, and the middle half; γ well past the
@@ -106,6 +108,13 @@ def _key(method: str, persona: Persona, budget: Budget, questions: list[str], ma
                                       max_new_tokens, space]).encode()).hexdigest()[:16]
 
 
+def calibration_key(lm: LoadedModel, method: str, persona: Persona, *, budget: Budget = Budget(), questions: int = 36,
+                    max_new_tokens: int = 40) -> str:
+    """The key a calibration with these settings has under the current search space (a changed space: a new key)."""
+    return _key(method, persona, budget, validation_questions(persona, questions), max_new_tokens,
+                search_space(method, lm))
+
+
 def _cache_path(lm: LoadedModel, method: str, key: str) -> Any:
     return cache_dir() / "calibration" / lm.fingerprint / f"{method}-{key}.json"
 
@@ -113,8 +122,7 @@ def _cache_path(lm: LoadedModel, method: str, key: str) -> Any:
 def stored(lm: LoadedModel, method: str, persona: Persona, *, budget: Budget = Budget(), questions: int = 36,
            max_new_tokens: int = 40) -> dict[str, Any] | None:
     """The calibration with these settings from the user cache or the package, without measuring anything."""
-    key = _key(method, persona, budget, validation_questions(persona, questions), max_new_tokens,
-               search_space(method, lm))
+    key = calibration_key(lm, method, persona, budget=budget, questions=questions, max_new_tokens=max_new_tokens)
     path = _cache_path(lm, method, key)
     if path.is_file():
         return json.loads(path.read_text())
