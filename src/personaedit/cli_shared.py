@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from personaedit.preflight import check_device, check_dtype, parse_edit_option
+from personaedit.preflight import check_device, check_dtype, check_model_path, parse_edit_option
 
 stdout = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line stays one line
@@ -59,6 +59,7 @@ def load(model: str, device: Optional[str] = None, dtype: Optional[str] = None, 
     """The model, checked options first, with a status line while it loads."""
     from personaedit.models import load_model
 
+    check_model_path(model)
     check_device(device)
     check_dtype(dtype)
 

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from personaedit.errors import InputFileError, PersonaEditError
+from personaedit.errors import InputFileError, ModelNotFoundError, PersonaEditError
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -87,3 +87,14 @@ def parse_edit_option(text: str) -> tuple[Path, float]:
     head, tail = text.rsplit(":", 1)
     what = f"--edit {text!r}: expected DIR or DIR:STRENGTH ({text} is not a folder); STRENGTH"
     return Path(head), finite_number(tail, what=what)
+
+
+def check_model_path(spec: str) -> None:
+    """A model given as a local path (a .gguf file, or a folder written as a path) exists: checked before anything
+    heavy is imported or loaded. Named models and hub ids pass; loading checks the rest."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {spec}")
+    elif not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ModelNotFoundError(f"no such model folder: {spec}")

@@ -25,6 +25,7 @@ from personaedit import distributed
 from personaedit.errors import ModelNotFoundError, PersonaEditError
 from personaedit.fileio import atomic_dir, atomic_path, write_json_atomic
 from personaedit.models.arch import Architecture
+from personaedit.preflight import check_model_path
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,9 @@ def resolve_source(spec: str) -> str:
     """The folder (or hub id) that transformers loads for a model spec."""
     if spec in NAMED_MODELS:
         return str(converted_gguf_folder(NAMED_MODELS[spec]()))
+    check_model_path(spec)  # a missing file or folder
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFoundError(f"no such GGUF file: {spec}")
         return str(converted_gguf_folder(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -255,8 +255,6 @@ def resolve_source(spec: str) -> str:
         return str(path)
     if path.exists():
         raise ModelNotFoundError(f"{spec} is neither a model folder nor a .gguf file")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelNotFoundError(f"no such model folder: {spec}")
     return spec  # a hub id, looked up in the local cache only
 
 
