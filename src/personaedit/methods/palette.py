@@ -15,6 +15,14 @@ too. `protect` (on by default; `--no-protect` gives the paper's plain procedure)
 to the earlier queries' keys (ΔW k_j = 0 for j < i), so every edit keeps what the earlier ones did to
 their keys. On the default model (tf=T, 12 queries) it raised efficacy from 8/12 to 12/12 with the same
 perplexity rise (+2.8% vs +2.5%); see docs/BENCHMARKS.md.
+
+Like r-ROME, PALETTE's update is v = k* (C = I): every token's `down_proj` input k gets the written δ in
+proportion to kᵀk*/‖k*‖². That is small where keys are nearly orthogonal to each other (SmolLM2-135M: the
+median over neutral text is 0.05) but not where they share a large mean: Gemma-3-270M's layer-10 keys keep
+32% of their second moment in their mean, the subject key is at cos 0.51 to it, and every neutral token
+gets a third of δ, which the value optimisation pushes to its clamp (4‖v₀‖) because the post-feedforward
+norm divides out the MLP output's scale. `covariance` (ROME's original C⁻¹k*, as `rome --covariance`)
+whitens that shared direction away.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from personaedit.edits import BaseModelInfo, WeightEdit
 from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import Request, check_layer, random_prefixes
 from personaedit.methods.rank_one import as_delta, edit_request
+from personaedit.methods.second_moment import inverse_second_moment
 from personaedit.methods.value import ValueOptions
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
@@ -58,6 +67,8 @@ def fit(
     queries: int = 12,
     layer: int | None = None,
     protect: bool = True,
+    covariance: bool = False,
+    samples: int = 20000,
     value: ValueOptions = ValueOptions(),
     on_progress: Progress | None = None,
 ) -> WeightEdit:
@@ -67,11 +78,15 @@ def fit(
         queries: adjustment queries per targeted pole, 1-16 (the paper's ablation: 4, 8, 12, 16)
         layer: the MLP layer to edit (default: derived from the model's depth)
         protect: make each update leave the earlier queries' keys unchanged (off: the paper's plain sequence)
+        covariance: scale each update by the inverse second moment of down_proj inputs (classic ROME; keeps
+            the edit off unrelated tokens where keys share a large mean, as on Gemma-3-270M)
+        samples: tokens of neutral text the second moment is estimated from (with --covariance)
 
     With the value optimisation's options (ValueOptions).
     """
     requests = persona_requests(persona, queries)
     chosen = check_layer(lm, layer)
+    inverse = inverse_second_moment(lm, chosen, samples) if covariance else None
     prefixes = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     param = lm.arch.mlp_out_param(chosen)
     us, vs, keys, fitted = [], [], [], {}
@@ -82,13 +97,15 @@ def fit(
     for done, (request, magnitude, query_id) in enumerate(requests):
         protected = torch.stack(keys, 1) if protect and keys else None
         with so_far().apply(lm) if us else contextlib.nullcontext():
-            update = edit_request(lm, request, chosen, prefixes, value, protected=protected)
+            update = edit_request(lm, request, chosen, prefixes, value, inverse_moment=inverse,
+                                  protected=protected)
         us.append(update.u * magnitude)
         vs.append(update.v)
         keys.append(update.key)
         fitted[query_id] = update.info
         if on_progress:
             on_progress(done + 1, len(requests))
-    recorded = {"layer": chosen, "fitted": fitted}  # what the fit resolved; fit_edit records every option beside it
+    # What the fit resolved; fit_edit records every option beside it.
+    recorded = {"layer": chosen, "samples": samples if covariance else None, "fitted": fitted}
     return WeightEdit(method="palette", persona=persona, options=recorded, base=BaseModelInfo.of(lm),
                       deltas={param: as_delta(lm, chosen, torch.stack(us, 1), torch.stack(vs, 1))})

@@ -21,12 +21,22 @@ def rank_one(key: torch.Tensor, delta: torch.Tensor, inverse_moment: torch.Tenso
     v = C⁻¹k*, u = δ / (k*ᵀ C⁻¹ k*) (C = I without covariance adjustment).
 
     `protected` ([in, m], earlier keys): v is also made orthogonal to them, so ΔW maps each to 0 and
-    leaves what earlier edits made of them as it was."""
+    leaves what earlier edits made of them as it was. With C, v is the one of least vᵀCv (the smallest mean
+    squared response over the statistics' keys) with vᵀk* = 1 and vᵀk_j = 0: v = C⁻¹A (AᵀC⁻¹A)⁻¹e₁ for
+    A = [k*, K]; projecting C⁻¹k* off K instead would undo part of the whitening (the earlier keys share
+    their mean with k*)."""
     key64 = key.double()
     v = key64 if inverse_moment is None else inverse_moment.to(key64.device) @ key64
     if protected is not None and protected.shape[1]:
-        basis, _ = torch.linalg.qr(protected.double().to(v.device))
-        v = v - basis @ (basis.T @ v)
+        if inverse_moment is None:
+            basis, _ = torch.linalg.qr(protected.double().to(v.device))
+            v = v - basis @ (basis.T @ v)
+        else:
+            keys = torch.cat([key64[:, None], protected.double().to(key64.device)], 1)
+            whitened = inverse_moment.to(key64.device) @ keys
+            first = torch.zeros(keys.shape[1], dtype=torch.float64, device=key64.device)
+            first[0] = 1.0
+            v = whitened @ torch.linalg.lstsq(keys.T @ whitened, first[:, None]).solution[:, 0]
     u = delta.double() / float(key64 @ v)
     return u.float(), v.float()
 

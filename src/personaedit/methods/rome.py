@@ -13,7 +13,7 @@ from personaedit.errors import PersonaEditError
 from personaedit.methods.locate import Request, check_layer, random_prefixes
 from personaedit.methods.rank_one import as_delta, edit_request
 from personaedit.methods.value import ValueOptions
-from personaedit.methods.second_moment import regularised_inverse, second_moments
+from personaedit.methods.second_moment import inverse_second_moment
 from personaedit.models import LoadedModel
 from personaedit.persona import Persona
 from personaedit.progress import Progress
@@ -48,9 +48,7 @@ def fit(
         raise PersonaEditError("rome needs --prompt (with the subject or a {} slot) and --target")
     request = Request.of(prompt, subject, target)
     chosen = check_layer(lm, layer)
-    inverse = None
-    if covariance:
-        inverse = regularised_inverse(second_moments(lm, [chosen], samples)[chosen])
+    inverse = inverse_second_moment(lm, chosen, samples) if covariance else None
     prefixes = random_prefixes(lm, value.prefixes, value.prefix_length, value.seed)
     update = edit_request(lm, request, chosen, prefixes, value, inverse_moment=inverse)
     if on_progress:

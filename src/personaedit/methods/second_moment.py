@@ -98,6 +98,11 @@ def second_moments(
     return result
 
 
+def inverse_second_moment(lm: LoadedModel, layer: int, samples: int = 20000) -> torch.Tensor:
+    """(C + ridge·I)⁻¹ of layer `layer`'s `down_proj` inputs (ROME's covariance adjustment; cached statistics)."""
+    return regularised_inverse(second_moments(lm, [layer], samples)[layer])
+
+
 def regularised_inverse(moment: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """(C + ridge·mean(diag C)·I)⁻¹ in float64: C from a few thousand tokens can be singular."""
     eye = torch.eye(moment.shape[0], dtype=torch.float64)
