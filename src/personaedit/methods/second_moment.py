@@ -99,7 +99,7 @@ def second_moments(
 
 
 def inverse_second_moment(lm: LoadedModel, layer: int, samples: int = 20000) -> torch.Tensor:
-    """(C + ridge·I)⁻¹ of layer `layer`'s `down_proj` inputs (ROME's covariance adjustment; cached statistics)."""
+    """`regularised_inverse` of layer `layer`'s `down_proj` input second moment (ROME's covariance adjustment)."""
     return regularised_inverse(second_moments(lm, [layer], samples)[layer])
 
 
