@@ -183,7 +183,7 @@ else:  # score both tools' replies
     from personaedit.eval.metrics import is_coherent
     from personaedit.eval.text_judge import TextJudge
     judge, questions, result = TextJudge.load(), args["questions"], {}
-    for tool, by_strength in args["replies"].items():
+    for tool, by_strength in json.loads(open(args["replies_file"], encoding="utf-8").read()).items():
         base = by_strength["0"] if "0" in by_strength else by_strength["0.0"]
         base_score = [s["extraversion"] for s in judge.score(base)]
         base_ppl = readings.reply_perplexities(lm, questions, base)
@@ -282,7 +282,9 @@ def compare(args: argparse.Namespace, strengths: list[float], coefficients: list
         write_json_atomic(work / "replies.json", replies)
         same = sum(a == b for a, b in zip(replies["personaedit steer"]["0.0"], replies["repeng"]["0.0"]))
         print(f"unedited greedy replies identical in both tools: {same} / {len(inputs['questions'])}")
-        scored = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "score", "edit": str(ours_dir), "replies": replies,
+        # the replies go by file: as one argument they can pass the kernel's 128 KiB limit (looping replies are long)
+        scored = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "score", "edit": str(ours_dir),
+                                                         "replies_file": str(work / "replies.json"),
                                                          "questions": inputs["questions"]}))
         write_json_atomic(work / "scored.json", scored)
         report_effects(scored)
