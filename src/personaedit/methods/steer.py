@@ -6,8 +6,9 @@ The layer is given or chosen where a linear probe separates the poles best on he
 (among the middle half of the layers; ties go to the larger separation relative to the spread).
 Given several layers (`10-20`, `4,8,12`), each gets its own layer's mean difference and the strength is shared
 evenly among them, as repeng's control vectors act on a band of layers: the residual stream carries each
-addition onwards, so the push sums while each layer's is small (on the default model a band cost less
-perplexity for the same trait effect; docs/BENCHMARKS.md).
+addition onwards, so the push sums while each layer's is small (on the default model, with the prompt steered
+too, repeng's band moved extraversion=high a little more than one layer at lower perplexity; without the
+prompt, less; docs/BENCHMARKS.md).
 `scale` sets what strength 1 means: 8 × the mean difference, where steering at the auto-chosen layer
 of the default model moved the judged extraversion of replies from -0.33 to +0.29 with every reply
 coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in generated text.
