@@ -62,9 +62,13 @@ def capture(
     reduce: str = "last",
     batch_size: int = 16,
     use_cache: bool = True,
+    openings: Sequence[str] | None = None,
     on_progress: Progress | None = None,
 ) -> dict[Site, torch.Tensor]:
     """Activations [n_prompts, width] per site, in float32 on the CPU.
+
+    With `openings`, each prompt's reply starts with its opening (the text after the chat template's assistant
+    turn) and 'last' reads the opening's last token.
 
     reduce='last': the activation at the last prompt token (the one that predicts the reply);
     'mean': the mean over the prompt's real tokens; 'firing': the share of real tokens where the
@@ -72,6 +76,9 @@ def capture(
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}")
     texts, templated = render_prompts(lm, prompts)
+    if openings is not None:
+        joint = "" if templated else " "  # a plain transcript ends at 'Assistant:'
+        texts = [text + joint + opening for text, opening in zip(texts, openings, strict=True)]
     key = _cache_key(lm, texts, sites, reduce)
     path = cache_dir() / "activations" / f"{key}.safetensors"
     if use_cache and path.is_file():
@@ -114,7 +121,8 @@ def capture(
 def capture_pairs(lm: LoadedModel, pairs: "ContrastivePairs", sites: Sequence[Site], **options) -> tuple[
         dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
     """`capture` for both sides of contrastive pairs: (high-pole activations, low-pole activations)."""
-    return capture(lm, pairs.high, sites, **options), capture(lm, pairs.low, sites, **options)
+    return (capture(lm, pairs.high, sites, openings=pairs.openings, **options),
+            capture(lm, pairs.low, sites, openings=pairs.openings, **options))
 
 
 def over_replies(

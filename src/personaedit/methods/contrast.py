@@ -32,6 +32,8 @@ class ContrastivePairs:
     dimension: str
     high: list[Prompt]
     low: list[Prompt]
+    # The same start of a reply after both prompts of a pair (read there, as repeng reads its dataset), or none.
+    openings: list[str] | None = None
 
 
 def pole_descriptions(dim: Dimension, split: str = "train") -> tuple[list[str], list[str]]:
@@ -81,6 +83,17 @@ def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", se
         high=[prompt(high_texts[h], q) for q, h, _ in chosen],
         low=[prompt(low_texts[l], q) for q, _, l in chosen],
     )
+
+
+def reply_openings(n: int, *, split: str = "train", seed: int = 0, longest: int = 8) -> list[str]:
+    """`n` starts of replies: the first 1 … `longest` words of the split's neutral paragraphs, in a seeded order.
+
+    repeng reads its contrast at truncated replies (the same truncation after both personas' instructions); a
+    neutral paragraph's first words are such a truncation with nothing of either pole in it."""
+    words = [r["text"].split() for r in records("neutral_text", split)]
+    openings = sorted({" ".join(w[:k]) for w in words for k in range(1, min(longest, len(w)) + 1)})
+    random.Random(seed).shuffle(openings)
+    return [openings[i % len(openings)] for i in range(n)]
 
 
 def cohens_d(high: torch.Tensor, low: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

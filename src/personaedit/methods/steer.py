@@ -16,16 +16,21 @@ coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in genera
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.methods.capture import ActivationOptions, capture_pairs
-from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy
+from personaedit.errors import PersonaEditError
+from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy, reply_openings
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
 from personaedit.progress import Progress
+
+
+READ_AT = ("prompt", "reply")
 
 
 def _separation(high: torch.Tensor, low: torch.Tensor) -> float:
@@ -41,6 +46,7 @@ def fit(
     pairs: int = 256,
     scale: float = 8.0,
     equal_norms: bool = False,
+    read_at: str = "prompt",
     activation: ActivationOptions = ActivationOptions(),
     on_progress: Progress | None = None,
 ) -> ActivationEdit:
@@ -53,15 +59,21 @@ def fit(
         scale: what strength 1 means, in multiples of the mean difference
         equal_norms: on a band, give every layer's direction the band's mean norm (as repeng's unit directions at
             one coefficient) instead of its own mean difference's, which grows with depth
+        read_at: where the poles' activations are read: prompt (the last prompt token, CAA) or reply (the last
+            word of the same start of a reply after both personas, as repeng reads its dataset)
 
     With the options activation methods share (ActivationOptions).
     """
+    if read_at not in READ_AT:
+        raise PersonaEditError(f"read_at must be one of {', '.join(READ_AT)}, not {read_at!r}")
     candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     band = str(layer) != "auto" and len(candidates) > 1
     chosen: dict[str, dict[str, Any]] = {}
 
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
         data = contrastive_pairs(dim, pairs, seed=activation.seed)
+        if read_at == "reply":
+            data = dataclasses.replace(data, openings=reply_openings(pairs, seed=activation.seed))
         sites = [("residual", l) for l in candidates]
         high, low = capture_pairs(lm, data, sites, batch_size=activation.batch_size, on_progress=on_progress)
         if band:

@@ -216,7 +216,9 @@ class Architecture:
         residual: the residual stream after the layer; mlp_hidden: the input of `down_proj`;
         mlp_gate: the gate branch after its activation function, before the product with `up` (NPTI's
         neurons; in an MLP without a gate it is `mlp_hidden`); mlp_out / attn_out: what the MLP / attention
-        adds to the residual stream."""
+        module returns — what it adds to the residual stream, except in families that normalise that output
+        first (Gemma 2/3's post_feedforward_layernorm, OLMo 2): there it is the output before that norm, which
+        is what `down_proj` writes (ROME/MEND edit it; control-vector export refuses it there)."""
         if point == "residual":
             return self.layer(index), "output"
         if point == "mlp_hidden" or (point == "mlp_gate" and self.layout.gate_act is None):
