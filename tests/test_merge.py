@@ -371,3 +371,44 @@ def test_a_killed_merges_temporary_is_removed_by_the_next_merge(tmp_path):
     run_merge(base, [(tmp_path / "v", 1.0)], tmp_path / "merged")
     assert not leaked.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".othermerge.tmp-%d-1f2e" % gone.pid, "base", "merged", "v"]
+
+
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.3}), ("dare_linear", {"drop": 0.5})])
+def test_blocks_are_merged_in_buffers_allocated_once_per_merge(tmp_path, monkeypatch, method, options):
+    """Fresh block memory per tensor let glibc's heap grow with the number of tensors (issue 18): every merged
+    block must be one of the workspace's output buffers, and every base or dense δ block read into a buffer."""
+    from personaedit.merge import engine
+    from personaedit.merge.tensorfile import SafetensorsWriter
+
+    base, model = save_model(tmp_path / "base", "llama")
+    make_vector(tmp_path / "dense", model, seed=1)
+    make_vector(tmp_path / "factors", model, seed=2, rank=2)
+    spaces, written, fresh_reads = [], [], []
+    make_space, write, read_bytes = engine._Workspace.__init__, SafetensorsWriter.write, SafetensorsReader._read_bytes
+
+    def space_init(self, *args, **kwargs):
+        make_space(self, *args, **kwargs)
+        spaces.append(self)
+
+    def recording_write(self, name, tensor):
+        written.append((name, tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+        write(self, name, tensor)
+
+    def recording_read(self, info, offset, size, into=None):
+        if into is None and not info.name.endswith((".u", ".v")):  # factors are small: read fresh
+            fresh_reads.append(info.name)
+        return read_bytes(self, info, offset, size, into)
+
+    monkeypatch.setattr(engine._Workspace, "__init__", space_init)
+    monkeypatch.setattr(SafetensorsWriter, "write", recording_write)
+    monkeypatch.setattr(SafetensorsReader, "_read_bytes", recording_read)
+    config = MergeConfig(base=str(base), method=method, max_shard_size="40KB",
+                         vectors=[VectorRef(path=tmp_path / "dense", weight=0.7), VectorRef(path=tmp_path / "factors", weight=-0.4)],
+                         **options)
+    result = merge(config, tmp_path / "out", block_elements=64)
+    assert result.shards > 1 and len(spaces) == 1 and len(written) > 20
+    ring = [(int(b.data_ptr()), b.numel()) for b in spaces[0].ring]
+    outside = [(name, nbytes) for name, ptr, nbytes in written
+               if not any(start <= ptr and ptr + nbytes <= start + size for start, size in ring)]
+    assert not outside, f"merged blocks in fresh memory: {outside[:3]}"
+    assert not fresh_reads, f"blocks read into fresh memory: {fresh_reads[:3]}"

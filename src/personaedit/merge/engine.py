@@ -27,8 +27,8 @@ from personaedit.errors import EditError, InputFileError, ModelNotFoundError, Pe
 from personaedit.faults import fault_point
 from personaedit.fileio import atomic_dir
 from personaedit.merge.config import MergeConfig, parse_size
-from personaedit.merge.methods import combine, get_merge_method, sparsifier
-from personaedit.merge.tensorfile import FLOAT_CODES, SafetensorsReader, SafetensorsWriter
+from personaedit.merge.methods import Buffers, MergeMethod, combine, get_merge_method, sparsifier
+from personaedit.merge.tensorfile import COPY_BLOCK, DTYPES, FLOAT_CODES, SafetensorsReader, SafetensorsWriter
 from personaedit.progress import Progress
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -143,12 +143,28 @@ class VectorFile:
     def _keys(self, name: str) -> list[str]:
         return [f"{name}.delta"] if self.ranks[name] is None else [f"{name}.u", f"{name}.v"]
 
-    def delta(self, name: str, dtype: torch.dtype = torch.float32, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Dense ΔW of one parameter (u vᵀ for factors), or of its rows start:stop, times the edit's own scale."""
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, rows: Optional[tuple[int, int]] = None,
+              out: Optional[torch.Tensor] = None, raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dense ΔW of one parameter (u vᵀ for factors), or of its rows start:stop, times the edit's own scale:
+        in fresh memory, or written into `out` (the result's shape and dtype). A stored dense ΔW of another dtype
+        is read through the uint8 buffer `raw` when one is given."""
         first = f"{name}.delta" if self.ranks[name] is None else f"{name}.u"
-        part = self.reader.read(first) if rows is None or not self.shapes[name] else self.reader.read_rows(first, *rows)
-        dense = part.to(dtype) if self.ranks[name] is None else part.to(dtype) @ self.reader.read(f"{name}.v").to(dtype).T
-        return dense if self.scale == 1.0 else dense * self.scale
+        whole = rows is None or not self.shapes[name]
+
+        def read(into: Optional[torch.Tensor]) -> torch.Tensor:
+            return self.reader.read(first, into) if whole else self.reader.read_rows(first, *rows, into)
+
+        if self.ranks[name] is not None:
+            v = self.reader.read(f"{name}.v").to(dtype)
+            dense = read(None).to(dtype) @ v.T if out is None else torch.matmul(read(None).to(dtype), v.T, out=out)
+        elif out is None:
+            dense = read(None).to(dtype)
+        elif DTYPES[self.reader.tensors[first].dtype] == dtype:
+            read(out.view(-1).view(torch.uint8))  # the stored bytes are the values: read straight into `out`
+            dense = out
+        else:
+            dense = out.copy_(read(raw).reshape(out.shape))
+        return dense if self.scale == 1.0 else (dense * self.scale if out is None else dense.mul_(self.scale))
 
     def close(self) -> None:
         if self.reader is not None:
@@ -250,16 +266,20 @@ def merge(config: MergeConfig, out: Optional[Path] = None, *, on_progress: Optio
         keys = checkpoint.keys_in_file_order()
         shards = _plan_shards(keys, checkpoint, max_bytes)
         names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        copied = [checkpoint.info(k).nbytes for k in keys if k not in touched]
+        space = _Workspace(list(touched), checkpoint, vectors, method, options, block_elements,
+                           min(max(copied, default=0), COPY_BLOCK))
         done = 0
         with atomic_dir(out) as tmp:
             for name, shard in zip(names, shards):
                 with open(tmp / name, "wb") as handle, _WriteBehind() as behind:
                     layout = [(k, checkpoint.info(k).dtype, checkpoint.info(k).shape) for k in shard]
-                    writer = SafetensorsWriter(handle, layout, {"format": "pt"})
+                    writer = SafetensorsWriter(handle, layout, {"format": "pt"}, space.copy)
                     for key in shard:
                         if key in touched:
-                            for block in _merged_blocks(key, touched[key], checkpoint, vectors, config, method, options, block_elements):
-                                behind.submit(writer.write, key, block)
+                            for block in _merged_blocks(key, touched[key], checkpoint, vectors, config, method, options,
+                                                        block_elements, space):
+                                space.writing(behind.submit(writer.write, key, block))
                         else:
                             behind.submit(writer.write_raw, key, checkpoint.where[key])
                         done += 1
@@ -291,10 +311,12 @@ class _WriteBehind:
         self._pending: deque[Future] = deque()
         self._depth = depth
 
-    def submit(self, fn: Callable[..., None], *args) -> None:
-        self._pending.append(self._pool.submit(fn, *args))
+    def submit(self, fn: Callable[..., None], *args) -> Future:
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
         while len(self._pending) > self._depth:
             self._pending.popleft().result()
+        return future
 
     def drain(self) -> None:
         while self._pending:
@@ -331,37 +353,131 @@ def _match_vectors(vectors: list[VectorFile], checkpoint: Checkpoint) -> dict[st
     return touched
 
 
-def _merged_blocks(key, contributors, checkpoint, vectors, config, method, options, block_elements) -> Iterator[torch.Tensor]:
-    """base + ΔW for one tensor, as consecutive blocks of rows in the base's dtype."""
+def _block_rows(info, block_elements: int) -> tuple[int, int, int]:
+    """(rows, entries per row, rows per block) of a tensor merged in blocks of about `block_elements` entries."""
+    shape = info.shape or (1,)
+    per_row = max(1, math.prod(shape[1:]))
+    return shape[0], per_row, max(1, block_elements // per_row)
+
+
+def _work_dtype(info) -> torch.dtype:
+    return torch.float64 if info.dtype == "F64" else torch.float32
+
+
+class _Workspace:
+    """Every buffer a merge computes in, allocated once per merge and sized to its largest block: per vector a
+    block of δ, the scratch of the sparsification and sign election (methods.Buffers), |δ| of the largest tensor
+    when magnitudes are trimmed, the buffer untouched tensors are copied through, and a ring of output blocks the
+    writer thread writes from. Reusing them keeps the heap the same size from the first tensor to the last: with
+    a fresh 16 MB block per step, glibc's malloc (whose mmap threshold rises to the size of a freed block) serves
+    later blocks from a heap that keeps what it frees, and the peak grew with the number of tensors."""
+
+    RING = 3  # output blocks: the one being merged plus the writer's queue (_WriteBehind's depth, 2)
+
+    def __init__(self, keys: list[str], checkpoint: Checkpoint, vectors: list[VectorFile], method: MergeMethod, options,
+                 block_elements: int, copy_bytes: int) -> None:
+        elements = out_bytes = work_size = magnitudes = 0
+        # a dense δ stored in another dtype than the work dtype is read through `values` before it is converted
+        stored = max((DTYPES[v.reader.tensors[f"{name}.delta"].dtype].itemsize for v in vectors
+                      for name, rank in v.ranks.items() if rank is None), default=0)
+        for key in keys:
+            info = checkpoint.info(key)
+            rows, per_row, step = _block_rows(info, block_elements)
+            block = min(rows, step) * per_row
+            elements = max(elements, block)
+            out_bytes = max(out_bytes, block * DTYPES[info.dtype].itemsize)
+            work_size = max(work_size, _work_dtype(info).itemsize)
+            magnitudes = max(magnitudes, rows * per_row)
+        work_bytes = work_size * elements
+        trims = method.sparsify == "magnitude" and options.density < 1
+        disjoint = method.combine == "disjoint"
+
+        def buffer(nbytes: int) -> torch.Tensor:
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+        self.deltas = [buffer(work_bytes) for _ in vectors]
+        self.values = buffer(max(work_bytes, elements * stored))  # the base rows are read into it too
+        self.mask = buffer(elements)
+        self.total = buffer(work_bytes)  # the merged block when the base's dtype is not the work dtype (else unused: untouched pages)
+        self.elected = buffer(work_bytes) if disjoint else None
+        self.divisor = buffer(work_bytes) if disjoint else None
+        self.magnitudes = buffer(magnitudes * work_size) if trims else None
+        self.copy = bytearray(copy_bytes)
+        self.ring = [buffer(out_bytes) for _ in range(self.RING)]
+        self._writes: list[Optional[Future]] = [None] * self.RING
+        self._next = self._taken = 0
+
+    @staticmethod
+    def view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return buffer[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+    def scratch(self, shape: tuple[int, ...], work: torch.dtype) -> Buffers:
+        return Buffers(self.view(self.values, work, shape), self.view(self.mask, torch.bool, shape),
+                       None if self.elected is None else self.view(self.elected, work, shape),
+                       None if self.divisor is None else self.view(self.divisor, work, shape))
+
+    def take_output(self) -> torch.Tensor:
+        """The next output block of the ring, once the writer has written what it held."""
+        index = self._next
+        if self._writes[index] is not None:
+            self._writes[index].result()
+            self._writes[index] = None
+        self._taken, self._next = index, (index + 1) % self.RING
+        return self.ring[index]
+
+    def writing(self, future: Future) -> None:
+        """The write of the block last taken: its buffer is not handed out again before it is done."""
+        self._writes[self._taken] = future
+
+
+def _merged_blocks(key, contributors, checkpoint, vectors, config, method, options, block_elements,
+                   space: _Workspace) -> Iterator[torch.Tensor]:
+    """base + ΔW for one tensor, as consecutive blocks of rows in the base's dtype, each a view of the next
+    output buffer of `space` (valid until the caller hands that buffer's write to `space.writing`)."""
     reader = checkpoint.where[key]
     info = reader.tensors[key]
-    work = torch.float64 if info.dtype == "F64" else torch.float32
-    shape = info.shape or (1,)
-    rows = shape[0]
-    per_row = max(1, math.prod(shape[1:]))
-    step = max(1, block_elements // per_row)
+    work = _work_dtype(info)
+    base_dtype = DTYPES[info.dtype]
+    rows, per_row, step = _block_rows(info, block_elements)
     present = dict(contributors)
     weights = [ref.weight for ref in config.vectors]
     blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
+    def shape_of(start: int, stop: int) -> tuple[int, ...]:
+        return (stop - start, *info.shape[1:]) if info.shape else (1,)
+
     def magnitudes(i: int) -> torch.Tensor:
         # Built from the same blocks as the merge, so a magnitude threshold sees exactly the values it trims.
-        out = torch.empty(rows * per_row, dtype=work)
+        out = space.view(space.magnitudes, work, (rows * per_row,))
         for start, stop in blocks:
-            out[start * per_row:stop * per_row] = vectors[i].delta(present[i], work, (start, stop)).reshape(-1).abs_()
+            delta = vectors[i].delta(present[i], work, (start, stop), space.view(space.deltas[i], work, shape_of(start, stop)),
+                                     space.values)
+            torch.abs(delta.reshape(-1), out=out[start * per_row:stop * per_row])
         return out
 
     sparsify = [sparsifier(method, options, i, key, lambda i=i: magnitudes(i)) if i in present else None for i in range(len(vectors))]
     for start, stop in blocks:
-        base = reader.read_rows(key, start, stop) if info.shape else reader.read(key).reshape(1)
-        # A vector that does not touch this tensor contributes δ = 0 (it still counts in sign election).
-        deltas = [
-            sparsify[i](vectors[i].delta(present[i], work, (start, stop)).reshape(base.shape)) if i in present
-            else torch.zeros(base.shape, dtype=work)
-            for i in range(len(vectors))
-        ]
-        change = combine(method, deltas, weights, options)
-        yield change.add_(base.to(work)).to(base.dtype).reshape(base.shape if info.shape else ())
+        shape = shape_of(start, stop)
+        scratch = space.scratch(shape, work)
+        deltas = []
+        for i in range(len(vectors)):
+            block = space.view(space.deltas[i], work, shape)
+            if i in present:
+                block = sparsify[i](vectors[i].delta(present[i], work, (start, stop), block, space.values), scratch)
+            else:  # a vector that does not touch this tensor contributes δ = 0 (it still counts in sign election)
+                block.zero_()
+            deltas.append(block)
+        output = space.take_output()
+        if base_dtype == work:  # merged straight into the output block; the base rows are read into `values`
+            change = combine(method, deltas, weights, options, space.view(output, work, shape), scratch)
+            base = reader.read_rows(key, start, stop, space.values) if info.shape else reader.read(key, space.values)
+            change.add_(base.reshape(shape))
+        else:  # merged in the work dtype, the base rows read into the output block, converted, added, rounded back
+            change = combine(method, deltas, weights, options, space.view(space.total, work, shape), scratch)
+            base = reader.read_rows(key, start, stop, output) if info.shape else reader.read(key, output)
+            change.add_(scratch.values.copy_(base.reshape(shape)))
+            change = space.view(output, base_dtype, shape).copy_(change)
+        yield change if info.shape else change.reshape(())
 
 
 def _copy_model_files(source: Path, target: Path) -> None:

@@ -20,8 +20,9 @@ the result does not depend on the block size.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -89,11 +90,36 @@ def get_merge_method(name: str) -> MergeMethod:
     return MERGE_METHODS[name]
 
 
+# --- work buffers --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Buffers:
+    """Scratch space of one block for the in-place forms below, each of the block's shape: `values` in the
+    work dtype (|δ|, signs, or the float32 uniform draws of DARE in its first bytes), `mask` bool, and for
+    a disjoint merge `elected` and `divisor` in the work dtype. The streaming engine makes them views of
+    buffers it allocates once per merge, so the heap does not grow with the number of tensors."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    elected: Optional[torch.Tensor] = None
+    divisor: Optional[torch.Tensor] = None
+
+    @classmethod
+    def like(cls, block: torch.Tensor, divisor: bool = False) -> "Buffers":
+        """Fresh buffers for a block like `block`."""
+        return cls(torch.empty_like(block), torch.empty(block.shape, dtype=torch.bool),
+                   torch.empty_like(block) if divisor else None, torch.empty_like(block) if divisor else None)
+
+    def float32(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """A float32 tensor of `shape` in the first bytes of `values` (as large or larger: float32 or float64)."""
+        return self.values.reshape(-1).view(torch.uint8)[:math.prod(shape) * 4].view(torch.float32).view(shape)
+
+
 # --- sparsification --------------------------------------------------------------------------------
 
 def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
     """The round(density · n)-th largest of |δ|'s entries: trimming keeps the entries at or above it.
-    `magnitudes` is a fresh CPU tensor that this reorders in place (a selection, no copy)."""
+    `magnitudes` is a CPU tensor of its own that this reorders in place (a selection, no copy)."""
     n = magnitudes.numel()
     keep = int(round(density * n))
     if keep >= n:
@@ -105,20 +131,28 @@ def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> float:
     return float(values[n - keep])
 
 
-def trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    return delta * (delta.abs() >= threshold)
+def trim(delta: torch.Tensor, threshold: float, scratch: Optional[Buffers] = None) -> torch.Tensor:
+    """δ with the entries of magnitude below `threshold` zeroed: in fresh memory, or with `scratch` in place
+    (δ itself, working in the scratch's buffers)."""
+    if scratch is None:
+        delta, scratch = delta.clone(), Buffers.like(delta)
+    return delta.mul_(torch.ge(torch.abs(delta, out=scratch.values), threshold, out=scratch.mask))
 
 
-def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
-    """Drop each entry with probability `drop` and rescale the survivors by 1/(1 − drop): unbiased."""
+def dare(delta: torch.Tensor, drop: float, generator: torch.Generator, scratch: Optional[Buffers] = None) -> torch.Tensor:
+    """Drop each entry with probability `drop` and rescale the survivors by 1/(1 − drop): unbiased. In fresh
+    memory, or with `scratch` in place (δ itself; the uniform draws are float32 whatever δ's dtype)."""
     if drop == 0:
         return delta
-    return rescale_kept(delta, torch.rand(delta.shape, generator=generator) >= drop, drop)
+    if scratch is None:
+        delta, scratch = delta.clone(), Buffers.like(delta)
+    draws = torch.rand(delta.shape, generator=generator, out=scratch.float32(delta.shape))
+    return rescale_kept(delta, torch.ge(draws, drop, out=scratch.mask), drop, in_place=True)
 
 
-def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, drop: float) -> torch.Tensor:
-    """DARE's survivors scaled by 1/(1 − drop), the dropped entries zero."""
-    return (delta * (1.0 / (1.0 - drop))).mul_(keep)
+def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, drop: float, in_place: bool = False) -> torch.Tensor:
+    """DARE's survivors scaled by 1/(1 − drop), the dropped entries zero (in δ itself with `in_place`)."""
+    return (delta if in_place else delta.clone()).mul_(1.0 / (1.0 - drop)).mul_(keep)
 
 
 def dare_generator(seed: int, vector_index: int, key: str) -> torch.Generator:
@@ -128,54 +162,69 @@ def dare_generator(seed: int, vector_index: int, key: str) -> torch.Generator:
 
 
 def sparsifier(method: MergeMethod, options: MergeOptions, vector_index: int, key: str,
-               magnitudes: Callable[[], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What to do to each consecutive row block of vector `vector_index`'s δ for tensor `key`.
+               magnitudes: Callable[[], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """What to do to each consecutive row block of vector `vector_index`'s δ for tensor `key`: called as
+    f(block) (fresh memory) or f(block, scratch) (in place in the block, working in `scratch`).
     `magnitudes()` gives |δ| of the whole tensor; only magnitude trimming asks (once, for its threshold)."""
     if method.sparsify == "magnitude" and options.density < 1:
         threshold = magnitude_threshold(magnitudes(), options.density)
-        return lambda block: trim(block, threshold)
+        return lambda block, scratch=None: trim(block, threshold, scratch)
     if method.sparsify == "dare":
         generator = dare_generator(options.seed, vector_index, key)  # drawn block after block, in order
-        return lambda block: dare(block, options.drop, generator)
-    return lambda block: block
+        return lambda block, scratch=None: dare(block, options.drop, generator, scratch)
+    return lambda block, scratch=None: block
 
 
 # --- combination -----------------------------------------------------------------------------------
 
-def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    total = torch.zeros_like(deltas[0])
+def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ w_i δ_i, in fresh memory or in `out`."""
+    total = torch.zeros_like(deltas[0]) if out is None else out.zero_()
     for weight, delta in zip(weights, deltas):
         total.add_(delta, alpha=weight)
     return total
 
 
-def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool | str) -> torch.Tensor:
+def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool | str,
+                   out: Optional[torch.Tensor] = None, scratch: Optional[Buffers] = None) -> torch.Tensor:
     """TIES sign election on the weighted values, then their sum, their mean over the agreeing vectors
-    (normalize True), or their sum over the agreeing vectors' weight sum (normalize "weight-sum", mergekit's)."""
+    (normalize True), or their sum over the agreeing vectors' weight sum (normalize "weight-sum", mergekit's).
+    Without `out` in fresh memory, the deltas left as they are; with `out` and `scratch` the deltas are
+    weighted and masked in place and the work happens in those buffers (the engine's reused blocks)."""
     mode = normalize_mode(normalize)
-    weighted = [w * d for w, d in zip(weights, deltas)]
-    elected = torch.sign(sum(weighted[1:], weighted[0].clone()))
-    merged = torch.zeros_like(elected)
-    divisor = torch.zeros_like(elected)
+    if out is None or scratch is None:
+        deltas, out, scratch = [d.clone() for d in deltas], torch.empty_like(deltas[0]), Buffers.like(deltas[0], divisor=True)
+    weighted = [d.mul_(w) for w, d in zip(weights, deltas)]
+    elected = scratch.elected.copy_(weighted[0])
+    for value in weighted[1:]:
+        elected.add_(value)
+    elected.sign_()
+    merged = out.zero_()
+    divisor = scratch.divisor.zero_() if mode is not False else None
     for weight, value in zip(weights, weighted):
         # Where the elected sign is 0 only zero entries "agree", and they add nothing.
-        agree = torch.sign(value) == elected
-        merged += value.mul_(agree)
+        agree = torch.eq(torch.sign(value, out=scratch.values), elected, out=scratch.mask)
+        merged.add_(value.mul_(agree))
         if mode is True:
-            divisor += agree
+            divisor.add_(agree)
         elif mode == "weight-sum":
-            divisor += weight * agree
+            # weight · agree is float32 (torch's default dtype) whatever the deltas' dtype, as it always was
+            divisor.add_(torch.mul(agree, weight, out=scratch.float32(agree.shape)))
     if mode is False:
         return merged
     if mode == "weight-sum":
-        return merged / divisor.masked_fill_(divisor == 0, 1.0)  # as mergekit: a zero weight sum divides by 1
-    return merged / divisor.clamp_(min=1)
+        # as mergekit: a zero weight sum divides by 1
+        return merged.div_(divisor.masked_fill_(torch.eq(divisor, 0, out=scratch.mask), 1.0))
+    return merged.div_(divisor.clamp_(min=1))
 
 
-def combine(method: MergeMethod, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions) -> torch.Tensor:
+def combine(method: MergeMethod, deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MergeOptions,
+            out: Optional[torch.Tensor] = None, scratch: Optional[Buffers] = None) -> torch.Tensor:
+    """The merged ΔW of one block: in fresh memory, or in `out` (then a disjoint merge needs `scratch` and
+    changes the deltas in place)."""
     if method.combine == "linear":
-        return linear_merge(deltas, weights)
-    return disjoint_merge(deltas, weights, options.normalize)
+        return linear_merge(deltas, weights, out)
+    return disjoint_merge(deltas, weights, options.normalize, out, scratch)
 
 
 def merge_deltas(name: str, deltas: Sequence[torch.Tensor], weights: Sequence[float],

@@ -25,7 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-_COPY_BLOCK = 1 << 24
+COPY_BLOCK = 1 << 22  # 4 MiB: untouched tensors are copied through one buffer of this size
 
 
 @dataclass(frozen=True)
@@ -79,46 +79,59 @@ class SafetensorsReader:
             self._handle.close()
             self._handle = None
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, in its stored dtype, in fresh memory."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, in its stored dtype, in fresh memory (or in the first bytes of the uint8 buffer `into`)."""
         info = self.tensors[name]
-        return self.read_rows(name, 0, info.shape[0]) if info.shape else self._read_bytes(info, info.begin, info.nbytes).reshape(())
+        if info.shape:
+            return self.read_rows(name, 0, info.shape[0], into)
+        return self._read_bytes(info, info.begin, info.nbytes, into).reshape(())
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop (along the first dimension) of one tensor: contiguous bytes in the file."""
+    def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start:stop (along the first dimension) of one tensor: contiguous bytes in the file. Read into
+        fresh memory, or into the first bytes of the uint8 buffer `into` (a view of it is returned)."""
         info = self.tensors[name]
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-        block = self._read_bytes(info, info.begin + start * row_bytes, (stop - start) * row_bytes)
+        block = self._read_bytes(info, info.begin + start * row_bytes, (stop - start) * row_bytes, into)
         return block.reshape(stop - start, *info.shape[1:])
 
-    def _read_bytes(self, info: TensorInfo, offset: int, size: int) -> torch.Tensor:
-        buffer = torch.empty(size, dtype=torch.uint8)
+    def _read_bytes(self, info: TensorInfo, offset: int, size: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        if into is None:
+            buffer = torch.empty(size, dtype=torch.uint8)
+        elif into.dtype != torch.uint8 or into.dim() != 1 or into.numel() < size:
+            raise ValueError(f"a read buffer must be a 1-d uint8 tensor of at least {size} bytes")
+        else:
+            buffer = into[:size]
         handle = self._file()
         handle.seek(offset)
         if size and handle.readinto(memoryview(buffer.numpy())) != size:
             raise InputFileError(f"{self.path} is truncated (tensor {info.name})")
         return buffer.view(DTYPES[info.dtype])
 
-    def copy_raw(self, name: str, out: BinaryIO) -> None:
+    def copy_raw(self, name: str, out: BinaryIO, buffer: bytearray | None = None) -> None:
         """Copy one tensor's bytes unchanged, in bounded blocks (on its own handle: safe beside `read`
-        on another thread)."""
+        on another thread), through `buffer` if given (its size is the block), else 16 MiB reads."""
         info = self.tensors[name]
-        with open(self.path, "rb") as handle:
+        view = memoryview(buffer if buffer is not None else bytearray(min(info.nbytes, COPY_BLOCK)))
+        if not len(view) and info.nbytes:
+            raise ValueError("a copy buffer must not be empty")
+        with open(self.path, "rb", buffering=0) as handle:
             handle.seek(info.begin)
             left = info.nbytes
             while left:
-                block = handle.read(min(left, _COPY_BLOCK))
-                if not block:
+                got = handle.readinto(view[:min(left, len(view))])
+                if not got:
                     raise InputFileError(f"{self.path} is truncated (tensor {name})")
-                out.write(block)
-                left -= len(block)
+                out.write(view[:got])
+                left -= got
 
 
 class SafetensorsWriter:
     """Write a file whose tensor names, dtypes and shapes are known up front, one tensor at a time, in order."""
 
     def __init__(self, handle: BinaryIO, layout: Iterable[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, copy_buffer: bytearray | None = None) -> None:
+        """`copy_buffer`: what `write_raw` copies through (the merge passes one buffer for all its shards)."""
+        self._copy_buffer = copy_buffer
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         self._sizes: list[tuple[str, int]] = []
         offset = 0
@@ -153,7 +166,7 @@ class SafetensorsWriter:
 
     def write_raw(self, name: str, reader: SafetensorsReader) -> None:
         self._advance(name, reader.tensors[name].nbytes)
-        reader.copy_raw(name, self._handle)
+        reader.copy_raw(name, self._handle, self._copy_buffer)
 
     def finish(self) -> None:
         if self._next != len(self._sizes) or self._partial:
