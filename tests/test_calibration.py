@@ -35,8 +35,10 @@ def test_calibration_picks_the_largest_effect_within_the_budget(lm, steer_option
     persona = Persona.parse("extraversion=high")
     result = calibrate(lm, "steer", persona, FakeJudge(), budget=Budget(50.0, 0.0), **FAST)
     options, strengths = search_space("steer", lm)
-    # the probe's layer, with the prompt steered too, and a band of repeng's layers scaled to 3
-    assert options == [{}, {"prompt_too": True}, {"layer": "1-2", "prompt_too": True}]
+    # the probe's layer, with the prompt steered too, and a band of repeng's layers scaled to 3, read at the
+    # prompt and at the start of a reply
+    assert options == [{}, {"prompt_too": True}, {"layer": "1-2", "prompt_too": True},
+                       {"layer": "1-2", "prompt_too": True, "read_at": "reply", "scale": 32.0}]
     assert [(t["options"], t["strength"]) for t in result["trials"]] == [(o, s) for o in options for s in strengths]
     best = max(result["trials"], key=lambda t: t["effect"]["mean"])
     assert result["chosen"] == best and result["split"] == "validation"
@@ -95,15 +97,17 @@ def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_mi
 
 
 def test_a_weight_edit_is_calibrated_by_strength_and_its_update_scales_with_it(lm, monkeypatch):
-    """palette: one fit, its summed update tried at fractions; the calibrated edit is that fit at the chosen one."""
-    tiny = {"queries": 2, "steps": 2, "prefixes": 0}
+    """palette: a fit per key statistic (C = I, whitened), its summed update tried at fractions; the calibrated
+    edit is the chosen fit at the chosen fraction."""
+    tiny = {"queries": 2, "steps": 2, "prefixes": 0, "samples": 64}
     real = calibration.fit_edit
     monkeypatch.setattr(calibration, "fit_edit", lambda name, lm, persona, **o: real(name, lm, persona, **{**tiny, **o}))
     persona = Persona.parse("extraversion=low")
     result = calibrate(lm, "palette", persona, FakeJudge(), budget=Budget(50.0, 0.0), use_cache=False, **FAST)
-    assert [t["strength"] for t in result["trials"]] == [0.25, 0.5, 0.75, 1.0]
+    assert [t["strength"] for t in result["trials"]] == [0.25, 0.5, 0.75, 1.0] * 2
+    assert [t["options"].get("covariance", False) for t in result["trials"]] == [False] * 4 + [True] * 4
     edit = calibrated_edit(lm, "palette", persona, result, **tiny)
-    plain = fit_edit("palette", lm, persona, **tiny)
+    plain = fit_edit("palette", lm, persona, **{**tiny, **result["chosen"]["options"]})
     ids = torch.randint(3, 300, (1, 6))
     with edit.apply(lm), torch.no_grad():
         calibrated_logits = lm.model(ids).logits

@@ -52,15 +52,20 @@ def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], li
     if method == "steer":  # CAA's generated positions at the probe's layer; the prompt too (ActAdd, repeng), there
         n = lm.arch.num_layers  # or on a band: repeng's layers (−5 … −17 of 30 in its README) scaled to the depth
         band = f"{round(n * 13 / 30)}-{round(n * 25 / 30)}"  # strength 1 is 8× the mean difference
-        return [{}, {"prompt_too": True}, {"layer": band, "prompt_too": True}], [0.25, 0.5, 0.75, 1.0, 1.5]
+        # and repeng's reading too: at the start of a reply, where the poles differ less (on the default model its
+        # band moved extraversion most at 3× the prompt reading's strength scale, so 32 = 4 × 8 spans it)
+        reply = {"layer": band, "prompt_too": True, "read_at": "reply", "scale": 32.0}
+        return [{}, {"prompt_too": True}, {"layer": band, "prompt_too": True}, reply], [0.25, 0.5, 0.75, 1.0, 1.5]
     if method == "npti":  # the reference sweeps its `val` over 0.6–1.5
         return [{}], [0.6, 1.0, 1.5, 2.0, 3.0]
     if method == "dpnle":  # the reference's layers scaled to the depth, and the middle half; γ well past the
         n = lm.arch.num_layers  # reference's 1, since a small model's neurons move less text per unit
         ranges = {f"{default_layers(n)[0]}-{n - 1}", f"{n // 4}-{max(n // 4, round(n * 3 / 4) - 1)}"}
         return [{"layers": r} for r in sorted(ranges)], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
-    if method == "palette":  # its layer and queries follow the paper; the rank-one updates' sum is scaled down
-        return [{}], [0.25, 0.5, 0.75, 1.0]  # where a model's text breaks at the full update (Gemma-3-270M)
+    if method == "palette":  # its layer and queries follow the paper (C = I), or ROME's whitened C⁻¹k*, which
+        # leaves the text of post-norm Gemma-3-270M far less moved; the rank-one updates' sum is scaled down where
+        # a model's text breaks at the full update
+        return [{}, {"covariance": True}], [0.25, 0.5, 0.75, 1.0]
     raise PersonaEditError(f"calibrate supports {', '.join(CALIBRATED)}; {method!r} has no layer or strength to "
                            "search")
 
