@@ -9,6 +9,10 @@ evenly among them, as repeng's control vectors act on a band of layers: the resi
 addition onwards, so the push sums while each layer's is small (on the default model, with the prompt steered
 too, repeng's band moved extraversion=high a little more than one layer at lower perplexity; without the
 prompt, less; docs/BENCHMARKS.md).
+With `read_at=reply` the poles' activations are read where repeng reads its dataset: at the last word of the same
+start of a reply (a few words of neutral text) after both personas' prompts, not at the last prompt token. The
+poles differ less there, so it needs a larger `scale`; on the default model that reading on repeng's band, the
+prompt steered too, is the calibrated setting for extraversion=high (docs/BENCHMARKS.md).
 `scale` sets what strength 1 means: 8 × the mean difference, where steering at the auto-chosen layer
 of the default model moved the judged extraversion of replies from -0.33 to +0.29 with every reply
 coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in generated text.
