@@ -20,8 +20,14 @@ process, and memory the allocator kept from an earlier measurement can serve a l
 resident set, so the table gives each measurement's absolute process peak next to the process with the model loaded
 and run once, not a difference.
 
+`--repeats N` runs each merge N times (fresh processes; the table gives medians, the JSON every run);
+`--against DIR` runs each merge also with the personaedit of another source tree (DIR/src first on PYTHONPATH,
+e.g. `git archive COMMIT src | tar -x -C DIR`), in turn with this one (A B A B ...), on the same models: before and
+after a change to the merge, in one run.
+
 Run: python benchmarks/scale.py [--sizes 135m,360m,1b,1.7b] [--merge-only 1.7b] [--plot docs/scale.png]
-     [--json scale.json]; python benchmarks/scale.py --from-json scale.json [--plot ...] prints a stored run again.
+     [--json scale.json] [--repeats 3] [--against DIR]; python benchmarks/scale.py --from-json scale.json [--plot ...]
+     prints a stored run again.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import row  # noqa: E402
-from peers.peerlib import RSS_FUNCTION, fail, load_average, recorded  # noqa: E402
+from peers.peerlib import REPO, RSS_FUNCTION, fail, load_average, recorded  # noqa: E402
 
 from personaedit.fileio import atomic_path, write_json_atomic  # noqa: E402
 
@@ -102,6 +108,7 @@ print("{}")
 # The merge in a fresh process (VmHWM is the process's own high-water mark: a fresh address space after exec).
 MERGE = RSS_FUNCTION + r"""
 import json, sys, time
+import personaedit
 from personaedit.merge import MergeConfig, merge
 spec = json.loads(sys.argv[1])
 floor = rss("VmHWM")
@@ -110,7 +117,8 @@ config = MergeConfig(base=spec["base"], method=spec["method"], vectors=[{"path":
                      **options)
 start = time.perf_counter()
 merge(config, spec["out"])
-print(json.dumps({"merge": {"seconds": time.perf_counter() - start, "peak_mb": rss("VmHWM"), "floor_mb": floor}}))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": rss("VmHWM"), "floor_mb": floor,
+                  "personaedit": personaedit.__file__}))
 """
 
 # The model measurements in one process that loads the model once: before each, the peak is reset to the current
@@ -178,7 +186,26 @@ def child(code: str, spec: dict, env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_size(size: str, measurements: list[str], tmp: Path, merge_method: str) -> dict:
+def measure_merges(spec: dict, out: Path, repeats: int, against: Path | None) -> dict:
+    """The merge `repeats` times in fresh processes, this tree's and (with `against`) the other tree's in turn:
+    {"merge": medians and every run[, "merge_against": the same for the other tree]}."""
+    sides = {"merge": None, **({"merge_against": {"PYTHONPATH": str(against / "src")}} if against else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, env in sides.items():
+            run = child(MERGE, {**spec, "out": str(out)}, env=env)
+            want = (against / "src") if env else REPO / "src"
+            if not Path(run["personaedit"]).resolve().is_relative_to(want.resolve()):
+                raise SystemExit(f"the merge imported {run['personaedit']}, not the personaedit of {want}")
+            runs[name].append(run)
+            shutil.rmtree(out, ignore_errors=True)
+    return {name: {"seconds": statistics.median(r["seconds"] for r in found), "peak_mb": statistics.median(r["peak_mb"] for r in found),
+                   "floor_mb": statistics.median(r["floor_mb"] for r in found), "runs": found}
+            for name, found in runs.items()}
+
+
+def measure_size(size: str, measurements: list[str], tmp: Path, merge_method: str, repeats: int = 1,
+                 against: Path | None = None) -> dict:
     layout = LAYOUTS[size]
     folder = tmp / f"model-{size}"
     started = time.perf_counter()
@@ -191,15 +218,14 @@ def measure_size(size: str, measurements: list[str], tmp: Path, merge_method: st
     if "merge" in measurements:
         child(VECTORS, {"out": str(tmp), "base": str(folder), "linear": built["linear"], "layers": layout["num_hidden_layers"],
                         "hidden": layout["hidden_size"], "mlp": layout["intermediate_size"]})
-        result.update(child(MERGE, {"base": str(folder), "vectors": [str(tmp / "vector-0"), str(tmp / "vector-1")],
-                                    "out": str(tmp / f"merged-{size}"), "method": merge_method}))
-        shutil.rmtree(tmp / f"merged-{size}", ignore_errors=True)
+        result.update(measure_merges({"base": str(folder), "vectors": [str(tmp / "vector-0"), str(tmp / "vector-1")],
+                                      "method": merge_method}, tmp / f"merged-{size}", repeats, against))
     others = [m for m in measurements if m != "merge"]
     if others:
         # an empty cache folder: the fits collect their activations (a rerun would otherwise read them back)
         result.update(child(MEASURE, {"base": str(folder), "measure": others}, env={"PERSONAEDIT_CACHE": str(tmp / "cache")}))
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-    for what in measurements:
+    for what in [*measurements, *(["merge_against"] if "merge_against" in result else [])]:
         print(f"  {size} {what}: {result[what]['seconds']:.1f} s, peak {result[what]['peak_mb']:.0f} MiB "
               f"(from {result[what]['floor_mb']:.0f})", file=sys.stderr, flush=True)
     result["load"]["end"] = load_average()
@@ -215,7 +241,11 @@ def _cell(r: dict, what: str, peak: bool = False) -> str:
     m = r[what]
     if not peak:
         return f"{m['seconds']:.1f}"
-    return f"{m['seconds']:.1f} / {m['peak_mb']:.0f}"
+    cell = f"{m['seconds']:.1f} / {m['peak_mb']:.0f}"
+    if len(m.get("runs", [])) > 1:  # medians, with the range of the runs
+        seconds, peaks = [x["seconds"] for x in m["runs"]], [x["peak_mb"] for x in m["runs"]]
+        cell += f" ({min(seconds):.1f}–{max(seconds):.1f} s, {min(peaks):.0f}–{max(peaks):.0f} MiB)"
+    return cell
 
 
 def _loaded(r: dict) -> str:
@@ -242,6 +272,17 @@ def report(results: list[dict]) -> None:
               f"| {_cell(r, 'capture')} | {_cell(r, 'steer')} | {_cell(r, 'dpnle')} | {_generation_cell(r)} "
               f"| {_loaded(r)} | {_cell(r, 'rome', True)} | {r['load']['start']} → {r['load']['end']} |")
     merged = [r for r in results if "merge" in r]
+    if any("merge_against" in r for r in merged):
+        print("\nthe same merges with the other source tree (--against), in turn with these:")
+        for r in merged:
+            if "merge_against" in r:
+                a, b = r["merge"], r["merge_against"]
+                print(f"    {r['size']}: other tree {_cell(r, 'merge_against', True)}; this tree {_cell(r, 'merge', True)}; "
+                      f"this / other: time {a['seconds'] / b['seconds']:.2f}x, peak {a['peak_mb'] / b['peak_mb']:.2f}x")
+        against = [r["merge_against"]["peak_mb"] for r in merged if "merge_against" in r]
+        if len(against) >= 2:
+            flat = max(against) / min(against)
+            print(row("merge peak RSS, largest / smallest, other tree", f"{flat:.2f}x", f"<= {TARGET_FLAT}x", flat <= TARGET_FLAT))
     if len(merged) >= 2:
         peaks = [r["merge"]["peak_mb"] for r in merged]
         flat = max(peaks) / min(peaks)
@@ -293,6 +334,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write the cost plot here (PNG)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic models (default: under /tmp)")
+    parser.add_argument("--repeats", type=int, default=1, help="merges per size, each in a fresh process (medians)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="also merge with the personaedit of this source tree (DIR/src), in turn with this one")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="measure nothing: print the table (and --plot) of the results a run wrote with --json")
     args = parser.parse_args()
@@ -312,8 +356,13 @@ def main() -> None:
     bad = [s for s in sizes + merge_only if s not in LAYOUTS] + [m for m in measurements if m not in MEASUREMENTS]
     if bad:
         fail(f"unknown size or measurement {bad[0]!r} (sizes: {', '.join(LAYOUTS)}; measurements: {', '.join(MEASUREMENTS)})")
+    if args.repeats < 1:
+        fail("--repeats must be >= 1")
+    if args.against is not None and not (args.against / "src" / "personaedit" / "merge").is_dir():
+        fail(f"--against {args.against} is not a personaedit source tree (no src/personaedit/merge in it)")
     # kept in benchmarks/peers/results/scale[-MEASUREMENTS].txt: run.py --peers --stored prints its rows
-    with recorded("scale" + ("" if measurements == list(MEASUREMENTS) else "-" + "+".join(measurements))):
+    name = "scale" + ("" if measurements == list(MEASUREMENTS) else "-" + "+".join(measurements))
+    with recorded(name + (f"-repeats{args.repeats}" if args.repeats > 1 else "") + ("-against" if args.against else "")):
         measure_all(args, sizes, merge_only, measurements)
 
 
@@ -321,12 +370,12 @@ def measure_all(args: argparse.Namespace, sizes: list[str], merge_only: list[str
     results = []
     with tempfile.TemporaryDirectory(prefix="scale-", dir=args.work) as tmp:
         for size in sizes:
-            results.append(measure_size(size, measurements, Path(tmp), args.merge_method))
+            results.append(measure_size(size, measurements, Path(tmp), args.merge_method, args.repeats, args.against))
             if args.json:
                 write_json_atomic(args.json, results)
         for size in merge_only:
             if "merge" in measurements:
-                results.append(measure_size(size, ["merge"], Path(tmp), args.merge_method))
+                results.append(measure_size(size, ["merge"], Path(tmp), args.merge_method, args.repeats, args.against))
                 if args.json:
                     write_json_atomic(args.json, results)
     report(results)

@@ -14,7 +14,12 @@ measured inside it, after the model is loaded and has run once: the edit's wall 
 (VmHWM). Efficacy (the target is the greedy continuation of the edited query) and paraphrase efficacy are then
 read for both edits by the same code (EasyEdit's ΔW applied as a dense weight edit).
 
+`--ours-only` runs personaedit's side alone (EasyEdit's does not change with ours); `--against DIR` runs ours also
+with the personaedit of another source tree (DIR/src first on PYTHONPATH, e.g. `git archive COMMIT src | tar -x -C
+DIR`), in turn with this one: peak, time and efficacy before and after a change, on the same requests.
+
 Run: python benchmarks/peers/easyedit_vs.py --easyedit PATH [--requests 4] [--work DIR]
+     python benchmarks/peers/easyedit_vs.py --ours-only [--against DIR] [--requests 4]
 """
 
 from __future__ import annotations
@@ -74,7 +79,6 @@ import json, sys, time
 import torch
 from personaedit.data import records
 from personaedit.edits import BaseModelInfo, Delta, WeightEdit, load_edit
-from personaedit.merge import model_folder
 from personaedit.methods import fit_edit
 from personaedit.methods.locate import Request, efficacy
 from personaedit.models import load_model
@@ -86,6 +90,7 @@ rows = records("palette_queries", dimension=dim.name, pole=dim.pole(level).name)
 queries = [Request.of(r["template"], r["subject"], r["target"]) for r in rows]
 paraphrases = [Request.of(r["paraphrase"], r["subject"], r["target"]) for r in rows]
 if args["mode"] == "requests":
+    from personaedit.merge import model_folder  # only here: the edit process measures what an edit needs
     print(json.dumps({"model": str(model_folder("default")),
                       "requests": [{"prompt": q.template, "subject": q.subject, "target": q.target} for q in queries]}))
     sys.exit()
@@ -102,14 +107,18 @@ if args["mode"] == "edit":
     print(json.dumps({"seconds": seconds, "peak_mb": rss("VmHWM"), "floor_mb": floor}))
     sys.exit()
 from safetensors.torch import load_file
-hits = {"base": [efficacy(lm, queries), efficacy(lm, paraphrases)], "ours": [[], []], "peer": [[], []]}
-for i in range(len(queries)):
-    ours = load_edit(args["ours"][i])
-    dense = load_file(args["peer"][i])
-    peer = WeightEdit(method="rome", persona=persona, base=BaseModelInfo.of(lm),
-                      deltas={name: Delta(dense=t) for name, t in dense.items()})
-    for side, edit in (("ours", ours), ("peer", peer)):
-        with edit.apply(lm):
+
+def edit_of(path):  # ours: a saved edit; EasyEdit's: its ΔW as a dense safetensors file
+    if path.endswith(".safetensors"):
+        return WeightEdit(method="rome", persona=persona, base=BaseModelInfo.of(lm),
+                          deltas={name: Delta(dense=t) for name, t in load_file(path).items()})
+    return load_edit(path)
+
+hits = {"base": [efficacy(lm, queries), efficacy(lm, paraphrases)]}
+for side, paths in args["edits"].items():
+    hits[side] = [[], []]
+    for i, path in enumerate(paths):
+        with edit_of(path).apply(lm):
             hits[side][0] += efficacy(lm, [queries[i]])
             hits[side][1] += efficacy(lm, [paraphrases[i]])
 print(json.dumps({side: [sum(h) / len(h) for h in pair] for side, pair in hits.items()}))
@@ -135,50 +144,80 @@ def main() -> None:
                         help="an EasyEdit checkout or git directory (or $EASYEDIT)")
     parser.add_argument("--requests", type=int, default=4, help="requests, one edit each (default 4; at most 16)")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--ours-only", action="store_true",
+                        help="run personaedit's edits only (EasyEdit's side unchanged since a stored run): time, peak, efficacy")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="also edit with the personaedit of this source tree (DIR/src first on PYTHONPATH), in turn "
+                             "with this one: before and after a change, on the same requests")
     args = parser.parse_args()
-    if args.easyedit is None or not Path(args.easyedit).exists():
-        fail("EasyEdit is not on PyPI: pass --easyedit PATH to a checkout of it (or set EASYEDIT)")
+    if not args.ours_only and (args.easyedit is None or not Path(args.easyedit).exists()):
+        fail("EasyEdit is not on PyPI: pass --easyedit PATH to a checkout of it (or set EASYEDIT), or --ours-only")
+    if args.against is not None and not (args.against / "src" / "personaedit" / "methods").is_dir():
+        fail(f"--against {args.against} is not a personaedit source tree (no src/personaedit/methods in it)")
     if not 1 <= args.requests <= 16:
         fail("--requests must be 1-16")
-    with recorded("easyedit_vs"):
+    with recorded("easyedit_vs" + ("-ours_only" if args.ours_only else "") + ("-against" if args.against else "")):
         compare(args)
 
 
 def compare(args: argparse.Namespace) -> None:
-    peer_python = ensure_venv("easyedit", EASYEDIT)
+    peer_python = None if args.ours_only else ensure_venv("easyedit", EASYEDIT)
     work = args.work or Path(tempfile.mkdtemp(prefix="easyedit-vs-"))
+    # personaedit's sides: this tree, and with --against the other tree (its src first on PYTHONPATH)
+    sides = {"ours": None, **({"against": {"PYTHONPATH": str(args.against / "src")}} if args.against else {})}
     try:
         work.mkdir(parents=True, exist_ok=True)
-        tree = checkout(Path(args.easyedit), work)
+        tree = None if args.ours_only else checkout(Path(args.easyedit), work)
         inputs = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "requests", "persona": PERSONA, "requests": args.requests}))
-        print(f"EasyEdit from {args.easyedit}; {args.requests} {PERSONA} requests, layer {LAYER}; load average {load_average()}",
-              flush=True)
-        runs: dict[str, list[dict]] = {"ours": [], "peer": []}
+        print(f"{'personaedit only' if args.ours_only else f'EasyEdit from {args.easyedit}'}"
+              f"{f'; against the personaedit of {args.against}' if args.against else ''}; {args.requests} {PERSONA} "
+              f"requests, layer {LAYER}; load average {load_average()}", flush=True)
+        runs: dict[str, list[dict]] = {side: [] for side in [*sides, *([] if args.ours_only else ["peer"])]}
         for i, request in enumerate(inputs["requests"]):
-            ours = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "edit", "persona": PERSONA, "requests": args.requests,
-                                                          "index": i, "layer": LAYER, "out": str(work / f"ours-{i}")}))
-            peer = run_json(peer_python, PEER, json.dumps({"easyedit": str(tree), "model": inputs["model"], "layer": LAYER,
-                                                           "loss_layer": LOSS_LAYER, "work": str(work),
-                                                           "out": str(work / f"peer-{i}.safetensors"), **request}))
-            runs["ours"].append(ours)
-            runs["peer"].append(peer)
-            print(f"  request {i + 1}: ours {ours['seconds']:.1f} s, peak {ours['peak_mb']:.0f} MiB; EasyEdit "
-                  f"{peer['seconds']:.1f} s, peak {peer['peak_mb']:.0f} MiB", file=sys.stderr, flush=True)
+            for side, env in sides.items():
+                runs[side].append(run_json(OUR_PYTHON, OURS, json.dumps({"mode": "edit", "persona": PERSONA, "requests": args.requests,
+                                                                        "index": i, "layer": LAYER, "out": str(work / f"{side}-{i}")}),
+                                           env=env))
+            if not args.ours_only:
+                runs["peer"].append(run_json(peer_python, PEER, json.dumps({
+                    "easyedit": str(tree), "model": inputs["model"], "layer": LAYER, "loss_layer": LOSS_LAYER, "work": str(work),
+                    "out": str(work / f"peer-{i}.safetensors"), **request})))
+            print(f"  request {i + 1}: " + "; ".join(f"{side} {r[-1]['seconds']:.1f} s, peak {r[-1]['peak_mb']:.0f} MiB "
+                                                     f"(loaded model {r[-1]['floor_mb']:.0f})" for side, r in runs.items()),
+                  file=sys.stderr, flush=True)
+        edits = {side: [str(work / f"{side}-{i}") for i in range(args.requests)] for side in sides}
+        if not args.ours_only:
+            edits["peer"] = [str(work / f"peer-{i}.safetensors") for i in range(args.requests)]
         rates = run_json(OUR_PYTHON, OURS, json.dumps({"mode": "efficacy", "persona": PERSONA, "requests": args.requests,
-                                                       "ours": [str(work / f"ours-{i}") for i in range(args.requests)],
-                                                       "peer": [str(work / f"peer-{i}.safetensors") for i in range(args.requests)]}))
-        print(ratio_row("r-ROME edit time, ours/EasyEdit", [a["seconds"] / b["seconds"] for a, b in zip(runs["ours"], runs["peer"])],
-                        TARGETS["seconds"]))
-        print(ratio_row("r-ROME process peak RSS, ours/EasyEdit",
-                        [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["ours"], runs["peer"])]))
-        print(ratio_row("r-ROME peak above the loaded model, ours/EasyEdit",
-                        [(a["peak_mb"] - a["floor_mb"]) / max(b["peak_mb"] - b["floor_mb"], 1) for a, b in zip(runs["ours"], runs["peer"])]))
-        peak = max(r["peak_mb"] for r in runs["ours"])
+                                                       "edits": edits}))
+        ours = runs["ours"]
+        if not args.ours_only:
+            peer = runs["peer"]
+            print(ratio_row("r-ROME edit time, ours/EasyEdit", [a["seconds"] / b["seconds"] for a, b in zip(ours, peer)],
+                            TARGETS["seconds"]))
+            print(ratio_row("r-ROME process peak RSS, ours/EasyEdit", [a["peak_mb"] / b["peak_mb"] for a, b in zip(ours, peer)]))
+            print(ratio_row("r-ROME peak above the loaded model, ours/EasyEdit",
+                            [(a["peak_mb"] - a["floor_mb"]) / max(b["peak_mb"] - b["floor_mb"], 1) for a, b in zip(ours, peer)]))
+        if args.against:
+            before = runs["against"]
+            print(ratio_row("r-ROME edit time, this tree / --against tree", [a["seconds"] / b["seconds"] for a, b in zip(ours, before)]))
+            print(ratio_row("r-ROME process peak RSS, this tree / --against", [a["peak_mb"] / b["peak_mb"] for a, b in zip(ours, before)]))
+            print(f"    --against tree: peak {max(r['peak_mb'] for r in before):.0f} MiB at most, "
+                  f"{max(r['peak_mb'] - r['floor_mb'] for r in before):.0f} MiB above the loaded model at most")
+        peak = max(r["peak_mb"] for r in ours)
+        print(f"    this tree: peak {peak:.0f} MiB at most, {max(r['peak_mb'] - r['floor_mb'] for r in ours):.0f} MiB above the "
+              f"loaded model at most (the loaded model and run once: {min(r['floor_mb'] for r in ours):.0f}–"
+              f"{max(r['floor_mb'] for r in ours):.0f} MiB)")
         print(row("r-ROME process peak RSS, ours (largest)", f"{peak:.0f} MiB", "<= 1 GB", peak * 2**20 <= 1e9))
-        for side, label in (("base", "no edit"), ("ours", "personaedit"), ("peer", "EasyEdit")):
-            print(f"    efficacy / paraphrase efficacy, {label}: {rates[side][0]:.2f} / {rates[side][1]:.2f}")
-        print(row("paraphrase efficacy, ours vs EasyEdit", f"{rates['ours'][1]:.2f} vs {rates['peer'][1]:.2f}", "ours >=",
-                  rates["ours"][1] >= rates["peer"][1]))
+        labels = {"base": "no edit", "ours": "personaedit", "against": "personaedit --against", "peer": "EasyEdit"}
+        for side in rates:
+            print(f"    efficacy / paraphrase efficacy, {labels[side]}: {rates[side][0]:.2f} / {rates[side][1]:.2f}")
+        if not args.ours_only:
+            print(row("paraphrase efficacy, ours vs EasyEdit", f"{rates['ours'][1]:.2f} vs {rates['peer'][1]:.2f}", "ours >=",
+                      rates["ours"][1] >= rates["peer"][1]))
+        if args.against:
+            same = rates["ours"] == rates["against"]
+            print(row("efficacy and paraphrase efficacy, this tree vs --against", "same" if same else "differ", "same", same))
         print(f"load average at the end: {load_average()}")
     finally:
         if args.work is None:
