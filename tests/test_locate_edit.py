@@ -216,3 +216,25 @@ def test_registered_and_on_the_command_line(tmp_path, capsys):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and "does not occur in the prompt" in err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_value_passes_share_the_replayed_layers_cache_and_give_the_same_delta(family, monkeypatch):
+    """Each optimisation pass copies only the cache layers it appends to (issue 18: the copy of the whole
+    prefix cache per pass was r-ROME's largest allocation); δ and the key are those of a full copy."""
+    import copy
+
+    lm = tiny_lm(family)
+    request = Request.of(PROMPT, SUBJECT, TARGET)
+    tokens = tokenise_request(lm, request, locate.random_prefixes(lm, 3, 4))
+    options = ValueOptions(steps=6, lr=0.05, kl_factor=0.1, clamp=1e4)
+    replay = value._PrefixReplay(lm, tokens, replay_below=2)
+    first = replay._copy_of_cache()  # before the recording pass every layer runs: all copied
+    assert all(a is not b for a, b in zip(first.layers, replay.cache.layers))
+    replay()
+    shared = replay._copy_of_cache()
+    assert [a is b for a, b in zip(shared.layers, replay.cache.layers)] == [True, True, False]
+    ours = value.optimise_delta(lm, request, tokens, ("mlp_out", 2), options, key_layer=2)
+    monkeypatch.setattr(value._PrefixReplay, "_copy_of_cache", lambda self: copy.deepcopy(self.cache))
+    full = value.optimise_delta(lm, request, tokens, ("mlp_out", 2), options, key_layer=2)
+    assert ours.info == full.info and torch.equal(ours.delta, full.delta) and torch.equal(ours.key, full.key)

@@ -72,10 +72,21 @@ class _PrefixReplay:
     def __call__(self, logits_at: torch.Tensor | int = 1):
         """The model output on the chunk; the cache is copied because a forward pass appends to it."""
         mask = torch.cat([self.mask, torch.ones_like(self.chunk)], dim=1)
-        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        cache = self._copy_of_cache()
         with self._replaying():
             return self.lm.model(input_ids=self.chunk, attention_mask=mask, position_ids=self.positions,
                                  use_cache=cache is not None, logits_to_keep=logits_at, **{cache_argument(self.lm.model): cache})
+
+    def _copy_of_cache(self):
+        """A copy of the cache for one forward pass. Once the layers below `replay_below` are replayed they
+        run no attention and leave their cache layers as they are, so those are shared with the copy rather
+        than copied: each pass copies only what it appends to."""
+        if self.cache is None:
+            return None
+        layers = getattr(self.cache, "layers", None)
+        if len(self.recorded) < self.replay_below or not isinstance(layers, list):
+            return copy.deepcopy(self.cache)  # this pass runs (and records) every layer
+        return copy.deepcopy(self.cache, {id(layer): layer for layer in layers[:self.replay_below]})
 
     @contextlib.contextmanager
     def _replaying(self) -> Iterator[None]:
