@@ -49,3 +49,21 @@ def test_read_at_reply_is_the_mean_difference_at_the_same_openings_after_both_po
 def test_an_unknown_reading_place_is_refused(lm):
     with pytest.raises(PersonaEditError, match="read_at must be one of prompt, reply"):
         fit_edit("steer", lm, "extraversion=high", read_at="middle", **FAST)
+
+
+def test_pca_direction_is_the_mean_difference_along_the_top_principal_axis_of_the_differences(lm):
+    options = {**FAST, "read_at": "reply"}
+    edit = fit_edit("steer", lm, "extraversion=high", direction="pca", **options)
+    mean = fit_edit("steer", lm, "extraversion=high", **options).interventions[0].values / 2.0
+    pairs = contrastive_pairs(BIG_FIVE["extraversion"], 12)
+    openings = reply_openings(12)
+    high = capture(lm, pairs.high, [("residual", 1)], openings=openings)[("residual", 1)]
+    low = capture(lm, pairs.low, [("residual", 1)], openings=openings)[("residual", 1)]
+    differences = (high - low).double()
+    centred = differences - differences.mean(0)
+    covariance = centred.T @ centred
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    axis = eigenvectors[:, -1]  # largest eigenvalue: the top principal axis, found another way
+    expected = axis * (mean.double() @ axis)
+    torch.testing.assert_close(edit.interventions[0].values.double(), expected * 2.0, atol=1e-4, rtol=1e-3)
+    assert float(edit.interventions[0].values @ mean) > 0  # points the mean difference's way

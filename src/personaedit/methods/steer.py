@@ -35,6 +35,15 @@ from personaedit.progress import Progress
 
 
 READ_AT = ("prompt", "reply")
+DIRECTIONS = ("mean", "pca")
+
+
+def _principal_part(differences: torch.Tensor) -> torch.Tensor:
+    """The mean of paired differences [n, width] projected on their top principal axis (centred, as scikit-learn's
+    PCA in repeng): repeng's unit direction, signed and sized by the mean difference so strengths stay comparable."""
+    centred = differences - differences.mean(0)
+    axis = torch.linalg.svd(centred.double(), full_matrices=False).Vh[0].to(differences.dtype)
+    return axis * (differences.mean(0) @ axis)
 
 
 def _separation(high: torch.Tensor, low: torch.Tensor) -> float:
@@ -51,6 +60,7 @@ def fit(
     scale: float = 8.0,
     equal_norms: bool = False,
     read_at: str = "prompt",
+    direction: str = "mean",
     activation: ActivationOptions = ActivationOptions(),
     on_progress: Progress | None = None,
 ) -> ActivationEdit:
@@ -65,11 +75,15 @@ def fit(
             one coefficient) instead of its own mean difference's, which grows with depth
         read_at: where the poles' activations are read: prompt (the last prompt token, CAA) or reply (the last
             word of the same start of a reply after both personas, as repeng reads its dataset)
+        direction: mean (the mean paired difference, CAA) or pca (its part along the top principal axis of the
+            paired differences, centred, as repeng's pca_diff finds its direction)
 
     With the options activation methods share (ActivationOptions).
     """
     if read_at not in READ_AT:
         raise PersonaEditError(f"read_at must be one of {', '.join(READ_AT)}, not {read_at!r}")
+    if direction not in DIRECTIONS:
+        raise PersonaEditError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
     band = str(layer) != "auto" and len(candidates) > 1
     chosen: dict[str, dict[str, Any]] = {}
@@ -89,6 +103,8 @@ def fit(
             steered = [best]
             chosen[dim.name] = {"layer": best, "probe_accuracy": ranked[best][0], "separation": ranked[best][1]}
         differences = {l: high[("residual", l)].mean(0) - low[("residual", l)].mean(0) for l in steered}
+        if direction == "pca":
+            differences = {l: _principal_part(high[("residual", l)] - low[("residual", l)]) for l in steered}
         if equal_norms:
             mean_norm = sum(d.norm() for d in differences.values()) / len(differences)
             differences = {l: d * (mean_norm / d.norm().clamp_min(1e-8)) for l, d in differences.items()}
