@@ -184,3 +184,17 @@ def test_help_does_not_import_torch():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False False"
     assert "edit" in result.stdout and "export" in result.stdout
+
+
+def test_an_option_on_by_default_can_be_turned_off_from_the_command_line(model_dir, tmp_path, capsys):
+    """palette's `protect` is on by default; the paper's plain sequential edits need --no-protect."""
+    out = tmp_path / "palette-plain"
+    code, _, err = run(["edit", "palette", "--model", model_dir, "--persona", "extraversion=high", "--out", str(out),
+                        "--no-protect", "--queries", "1", "--steps", "1", "--prefixes", "0"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "edit.json").read_text())["options"]["protect"] is False
+    code, _, _ = run(["edit", "palette", "--model", model_dir, "--persona", "extraversion=high",
+                      "--out", str(tmp_path / "palette-protected"), "--protect", "--queries", "1", "--steps", "1",
+                      "--prefixes", "0"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "palette-protected" / "edit.json").read_text())["options"]["protect"] is True

@@ -67,3 +67,19 @@ def test_pca_direction_is_the_mean_difference_along_the_top_principal_axis_of_th
     expected = axis * (mean.double() @ axis)
     torch.testing.assert_close(edit.interventions[0].values.double(), expected * 2.0, atol=1e-4, rtol=1e-3)
     assert float(edit.interventions[0].values @ mean) > 0  # points the mean difference's way
+
+
+def test_without_a_question_the_description_alone_is_the_user_turn_read_at_the_openings(lm):
+    from personaedit.methods.contrast import instruction_pairs, pole_descriptions
+
+    pairs = instruction_pairs(BIG_FIVE["extraversion"], 12)
+    high_texts, low_texts = pole_descriptions(BIG_FIVE["extraversion"])
+    assert all(system is None and user in high_texts for system, user in pairs.high)
+    assert all(system is None and user in low_texts for system, user in pairs.low)
+    edit = fit_edit("steer", lm, "extraversion=high", read_at="reply", instruction_only=True, **FAST)
+    openings = reply_openings(12)
+    high = capture(lm, pairs.high, [("residual", 1)], openings=openings)[("residual", 1)]
+    low = capture(lm, pairs.low, [("residual", 1)], openings=openings)[("residual", 1)]
+    torch.testing.assert_close(edit.interventions[0].values, (high.mean(0) - low.mean(0)) * 2.0)
+    with pytest.raises(PersonaEditError, match="instruction_only needs read_at=reply"):
+        fit_edit("steer", lm, "extraversion=high", instruction_only=True, **FAST)

@@ -104,5 +104,7 @@ def flag_parameter(name: str, annotation: Any, default: Any, help: Optional[str]
 
     required = default is inspect.Parameter.empty
     limits = {} if min is None else {"min": min}
+    if option_type(annotation) in (bool, "bool") and default is True:  # on by default: it must be possible to turn off
+        flag = f"{flag}/--no-{flag.removeprefix('--')}"
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option_type(annotation),
                              default=typer.Option(... if required else default, flag, help=help, **limits))

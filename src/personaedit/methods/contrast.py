@@ -85,6 +85,17 @@ def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", se
     )
 
 
+def instruction_pairs(dim: Dimension, n: int, *, split: str = "train", seed: int = 0) -> ContrastivePairs:
+    """`n` pairs of a high-pole and a low-pole description alone as the user turn (no question, no system message),
+    as repeng's dataset pairs one instruction per pole ("Act as if you're extremely …"); distinct pairings first."""
+    high_texts, low_texts = pole_descriptions(dim, split)
+    combos = [(h, l) for h in range(len(high_texts)) for l in range(len(low_texts))]
+    random.Random(seed).shuffle(combos)
+    chosen = [combos[i % len(combos)] for i in range(n)]
+    return ContrastivePairs(dim.name, high=[(None, high_texts[h]) for h, _ in chosen],
+                            low=[(None, low_texts[l]) for _, l in chosen])
+
+
 def reply_openings(n: int, *, split: str = "train", seed: int = 0, longest: int = 8) -> list[str]:
     """`n` starts of replies: the first 1 … `longest` words of the split's neutral paragraphs, in a seeded order.
 

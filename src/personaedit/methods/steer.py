@@ -28,7 +28,8 @@ import torch
 from personaedit.edits import ActivationEdit, BaseModelInfo, Intervention
 from personaedit.methods.capture import ActivationOptions, capture_pairs
 from personaedit.errors import PersonaEditError
-from personaedit.methods.contrast import contrastive_pairs, parse_layers, per_dimension, probe_accuracy, reply_openings
+from personaedit.methods.contrast import (contrastive_pairs, instruction_pairs, parse_layers, per_dimension, probe_accuracy,
+                                          reply_openings)
 from personaedit.models import LoadedModel
 from personaedit.persona import Dimension, Persona
 from personaedit.progress import Progress
@@ -61,6 +62,7 @@ def fit(
     equal_norms: bool = False,
     read_at: str = "prompt",
     direction: str = "mean",
+    instruction_only: bool = False,
     activation: ActivationOptions = ActivationOptions(),
     on_progress: Progress | None = None,
 ) -> ActivationEdit:
@@ -77,11 +79,16 @@ def fit(
             word of the same start of a reply after both personas, as repeng reads its dataset)
         direction: mean (the mean paired difference, CAA) or pca (its part along the top principal axis of the
             paired differences, centred, as repeng's pca_diff finds its direction)
+        instruction_only: with read_at=reply, the persona's description alone as the user turn (no question, no
+            system message), as repeng's one instruction per pole
 
     With the options activation methods share (ActivationOptions).
     """
     if read_at not in READ_AT:
         raise PersonaEditError(f"read_at must be one of {', '.join(READ_AT)}, not {read_at!r}")
+    if instruction_only and read_at != "reply":
+        raise PersonaEditError("instruction_only needs read_at=reply: without a question the prompt ends in the persona's "
+                               "own words, where the poles differ by their wording alone")
     if direction not in DIRECTIONS:
         raise PersonaEditError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     candidates = parse_layers(layer, lm.arch.num_layers, lm.arch.middle_layers(0.25, 0.75))
@@ -89,7 +96,10 @@ def fit(
     chosen: dict[str, dict[str, Any]] = {}
 
     def fit_one(dim: Dimension, level: float) -> list[Intervention]:
-        data = contrastive_pairs(dim, pairs, seed=activation.seed)
+        if instruction_only:
+            data = instruction_pairs(dim, pairs, seed=activation.seed)
+        else:
+            data = contrastive_pairs(dim, pairs, seed=activation.seed)
         if read_at == "reply":
             data = dataclasses.replace(data, openings=reply_openings(pairs, seed=activation.seed))
         sites = [("residual", l) for l in candidates]
