@@ -38,7 +38,8 @@ def test_calibration_picks_the_largest_effect_within_the_budget(lm, steer_option
     # the probe's layer, with the prompt steered too, and a band of repeng's layers scaled to 3, read at the
     # prompt and at the start of a reply
     assert options == [{}, {"prompt_too": True}, {"layer": "1-2", "prompt_too": True},
-                       {"layer": "1-2", "prompt_too": True, "read_at": "reply", "scale": 32.0}]
+                       {"layer": "1-2", "prompt_too": True, "read_at": "reply", "scale": 32.0},
+                       {"layer": "1-2", "prompt_too": True, "read_at": "reply", "instruction_only": True, "scale": 8.0}]
     assert [(t["options"], t["strength"]) for t in result["trials"]] == [(o, s) for o in options for s in strengths]
     best = max(result["trials"], key=lambda t: t["effect"]["mean"])
     assert result["chosen"] == best and result["split"] == "validation"

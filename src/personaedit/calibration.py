@@ -53,9 +53,11 @@ def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], li
         n = lm.arch.num_layers  # or on a band: repeng's layers (−5 … −17 of 30 in its README) scaled to the depth
         band = f"{round(n * 13 / 30)}-{round(n * 25 / 30)}"  # strength 1 is 8× the mean difference
         # and repeng's reading too: at the start of a reply, where the poles differ less (on the default model its
-        # band moved extraversion most at 3× the prompt reading's strength scale, so 32 = 4 × 8 spans it)
-        reply = {"layer": band, "prompt_too": True, "read_at": "reply", "scale": 32.0}
-        return [{}, {"prompt_too": True}, {"layer": band, "prompt_too": True}, reply], [0.25, 0.5, 0.75, 1.0, 1.5]
+        # band moved extraversion most at 3× the prompt reading's strength scale, so 32 = 4 × 8 spans it) — after a
+        # question, or after the persona's description alone, as repeng's instructions (which differ more: 8)
+        reply = {"layer": band, "prompt_too": True, "read_at": "reply"}
+        return ([{}, {"prompt_too": True}, {"layer": band, "prompt_too": True}, {**reply, "scale": 32.0},
+                 {**reply, "instruction_only": True, "scale": 8.0}], [0.25, 0.5, 0.75, 1.0, 1.5])
     if method == "npti":  # the reference sweeps its `val` over 0.6–1.5
         return [{}], [0.6, 1.0, 1.5, 2.0, 3.0]
     if method == "dpnle":  # the reference's layers scaled to the depth, and the middle half; γ well past the
