@@ -11,8 +11,9 @@ too, repeng's band moved extraversion=high a little more than one layer at lower
 prompt, less; docs/BENCHMARKS.md).
 With `read_at=reply` the poles' activations are read where repeng reads its dataset: at the last word of the same
 start of a reply (a few words of neutral text) after both personas' prompts, not at the last prompt token. The
-poles differ less there, so it needs a larger `scale`; on the default model that reading on repeng's band, the
-prompt steered too, is the calibrated setting for extraversion=high (docs/BENCHMARKS.md).
+poles differ less there, so it needs a larger `scale`. With `instruction_only` the prompt is the persona's
+description alone (no question), as repeng's one instruction per pole; on the default model that reading on repeng's
+band, the prompt steered too, is the calibrated setting for extraversion both ways (docs/BENCHMARKS.md).
 `scale` sets what strength 1 means: 8 × the mean difference, where steering at the auto-chosen layer
 of the default model moved the judged extraversion of replies from -0.33 to +0.29 with every reply
 coherent (16 × gave +0.55); the raw difference (scale 1) barely shows in generated text.
