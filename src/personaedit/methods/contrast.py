@@ -64,6 +64,13 @@ def as_user_turn(description: str, question: str) -> Prompt:
     return None, PERSONA_TEMPLATE.format(description=description, question=question)
 
 
+def seeded_cycle(items: list, n: int, seed: int) -> list:
+    """`n` items of `items` in a seeded shuffled order, every distinct one before any repeats."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(n)]
+
+
 def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", seed: int = 0,
                       questions: list[str] | None = None, user_turn: bool = False) -> ContrastivePairs:
     """`n` pairs (description of the high pole, question) / (description of the low pole, same question).
@@ -74,9 +81,7 @@ def contrastive_pairs(dim: Dimension, n: int = 1000, *, split: str = "train", se
     high_texts, low_texts = pole_descriptions(dim, split)
     questions = all_questions(split) if questions is None else questions
     combos = [(q, h, l) for q in questions for h in range(len(high_texts)) for l in range(len(low_texts))]
-    rng = random.Random(seed)
-    rng.shuffle(combos)
-    chosen = [combos[i % len(combos)] for i in range(n)]
+    chosen = seeded_cycle(combos, n, seed)
     prompt = as_user_turn if user_turn else (lambda description, question: (description, question))
     return ContrastivePairs(
         dim.name,
@@ -90,8 +95,7 @@ def instruction_pairs(dim: Dimension, n: int, *, split: str = "train", seed: int
     as repeng's dataset pairs one instruction per pole ("Act as if you're extremely …"); distinct pairings first."""
     high_texts, low_texts = pole_descriptions(dim, split)
     combos = [(h, l) for h in range(len(high_texts)) for l in range(len(low_texts))]
-    random.Random(seed).shuffle(combos)
-    chosen = [combos[i % len(combos)] for i in range(n)]
+    chosen = seeded_cycle(combos, n, seed)
     return ContrastivePairs(dim.name, high=[(None, high_texts[h]) for h, _ in chosen],
                             low=[(None, low_texts[l]) for _, l in chosen])
 
@@ -103,8 +107,7 @@ def reply_openings(n: int, *, split: str = "train", seed: int = 0, longest: int 
     neutral paragraph's first words are such a truncation with nothing of either pole in it."""
     words = [r["text"].split() for r in records("neutral_text", split)]
     openings = sorted({" ".join(w[:k]) for w in words for k in range(1, min(longest, len(w)) + 1)})
-    random.Random(seed).shuffle(openings)
-    return [openings[i % len(openings)] for i in range(n)]
+    return seeded_cycle(openings, n, seed)
 
 
 def cohens_d(high: torch.Tensor, low: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

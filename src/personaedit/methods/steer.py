@@ -113,9 +113,8 @@ def fit(
             best = max(candidates, key=lambda l: ranked[l])
             steered = [best]
             chosen[dim.name] = {"layer": best, "probe_accuracy": ranked[best][0], "separation": ranked[best][1]}
-        differences = {l: high[("residual", l)].mean(0) - low[("residual", l)].mean(0) for l in steered}
-        if direction == "pca":
-            differences = {l: _principal_part(high[("residual", l)] - low[("residual", l)]) for l in steered}
+        paired = {l: high[("residual", l)] - low[("residual", l)] for l in steered}
+        differences = {l: _principal_part(d) if direction == "pca" else d.mean(0) for l, d in paired.items()}
         if equal_norms:
             mean_norm = sum(d.norm() for d in differences.values()) / len(differences)
             differences = {l: d * (mean_norm / d.norm().clamp_min(1e-8)) for l, d in differences.items()}
