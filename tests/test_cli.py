@@ -175,15 +175,18 @@ def test_vector_train_flags_are_the_train_options(capsys):
     assert code == 2 and "--batch-size" in err
 
 
-def test_help_does_not_import_torch():
-    """`personaedit --help` answers without loading torch (the method commands load it when `edit` is used)."""
+@pytest.mark.parametrize("argv, shown", [(["--help"], ["edit", "export"]),
+                                          (["edit", "steer", "--help"], ["--read-at", "--instruction-only"])])
+def test_help_does_not_import_torch(argv, shown):
+    """`personaedit --help` and a method's `edit METHOD --help` answer without loading torch (the method loads it
+    when its command runs; its flags come from method_options.json)."""
     probe = ("import sys; from personaedit.cli import main\n"
-             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
              "print('torch' in sys.modules, 'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False False"
-    assert "edit" in result.stdout and "export" in result.stdout
+    assert all(word in result.stdout for word in shown)
 
 
 def test_an_option_on_by_default_can_be_turned_off_from_the_command_line(model_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from personaedit.cli_shared import MODEL_HELP, err, escape, flag_parameter, load, progress, stdout
 from personaedit.errors import InputFileError
+from personaedit.method_options import MethodSpec
 from personaedit.option_groups import flag_of
 from personaedit.preflight import check_device, check_output_path
 
@@ -21,17 +22,15 @@ mend_app = typer.Typer(help="Train the MEND editor of a model (used by `personae
                        no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _edit_command(name: str):
-    """A typer command for one method, its options taken from the method's fit signature."""
+def _edit_command(spec: MethodSpec):
+    """A typer command for one method, its options those of the method's fit (as method_options.json lists them)."""
     import inspect
 
-    from personaedit.methods import fit_edit, get_method
-
-    chosen = get_method(name)
-    method_options = chosen.options()
+    name = spec.name
 
     def command(model: str, persona: str, out: Path, device: Optional[str], force: bool, **options: Any) -> None:
         from personaedit.edits import Edit
+        from personaedit.methods import fit_edit
         from personaedit.persona import Persona
 
         target = Persona.parse(persona)
@@ -66,28 +65,27 @@ def _edit_command(name: str):
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--force", help="Replace an edit already in --out.")),
     ]
-    if chosen.calibrated:
+    if spec.calibrated:
         params.append(inspect.Parameter("calibrate", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--calibrate", help="Choose layers and strength (a weight edit: strength) for this model on "
                                        "validation questions first "
                                        "(`personaedit calibrate`; cached); strength 1 then means the chosen one.")))
-    helps = chosen.option_help()
-    params += [flag_parameter(option, param.annotation, param.default, helps.get(option), flag_of(option))
-               for option, param in method_options.items()]
+    params += [flag_parameter(option.name, option.annotation, option.default_or_empty, option.help, flag_of(option.name))
+               for option in spec.options]
     command.__signature__ = inspect.Signature(params)
-    command.__doc__ = f"{chosen.pretty_name}: {chosen.summary}\n\nReference: {chosen.reference}."
+    command.__doc__ = f"{spec.pretty_name}: {spec.summary}\n\nReference: {spec.reference}."
     return command
 
 
 def register_edit_commands() -> None:
-    """One `edit METHOD` command per registered method. Building them imports every method (and torch), so it
-    happens only for a command line that uses `edit`: `personaedit --help` stays fast."""
-    from personaedit.methods import all_methods
+    """One `edit METHOD` command per registered method, from method_options.json (no method, no torch is
+    imported until a command runs), only for a command line that uses `edit`."""
+    from personaedit import method_options
 
     if edit_app.registered_commands:
         return
-    for name in all_methods():
-        edit_app.command(name=name)(_edit_command(name))
+    for name, spec in method_options.load().items():
+        edit_app.command(name=name)(_edit_command(spec))
 
 
 def info(

@@ -1,7 +1,8 @@
 """Every method, listed once, by name: each is a function (lm, persona, **options) -> Edit.
 
 The list is static (no registration by import side effect): to add a method, write its module with a
-`fit` and add one `Method(...)` row to `METHODS`. A fit's options are its keyword-only parameters, with
+`fit` and add one `Method(...)` row to `METHODS`, then run `python -m personaedit.method_options` (the
+command line's copy of every method's options, so that `edit METHOD --help` needs no torch). A fit's options are its keyword-only parameters, with
 option groups (option_groups.py) flattened into their fields; `fit_edit` records every option's value in the edit.
 """
 
