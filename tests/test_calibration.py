@@ -10,6 +10,7 @@ from personaedit.errors import PersonaEditError
 from personaedit.methods import fit_edit
 from personaedit.persona import Persona
 from test_suite import FakeJudge
+from tiny import tiny_lm
 
 FAST = {"questions": 6, "max_new_tokens": 4}
 STEER = {"pairs": 8, "batch_size": 8, "layer": "1"}
@@ -95,6 +96,17 @@ def test_dpnle_searches_layer_ranges_that_end_at_the_last_layer_or_sit_in_the_mi
     assert options == [{"layers": "0-1"}, {"layers": "1-2"}] and strengths == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     with pytest.raises(PersonaEditError, match="steer, npti, dpnle, palette"):
         search_space("rome", lm)
+
+
+@pytest.mark.parametrize("family, normed", [("llama", False), ("gemma2", True), ("gemma3_text", True)])
+def test_palette_tries_a_tighter_clamp_where_the_mlp_output_is_normalised(family, normed):
+    """Gemma 2/3 normalise the MLP's output (post_feedforward_layernorm): there most δ sit at the clamp, so the
+    search also tries clamp 2; elsewhere the space (and the key of a shipped calibration) is unchanged."""
+    small = tiny_lm(family)
+    assert small.arch.mlp_output_normed is normed
+    options, strengths = search_space("palette", small)
+    expected = [{}, {"covariance": True}] + ([{"covariance": True, "clamp": 2.0}] if normed else [])
+    assert options == expected and strengths == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_a_weight_edit_is_calibrated_by_strength_and_its_update_scales_with_it(lm, monkeypatch):

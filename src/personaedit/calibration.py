@@ -66,8 +66,12 @@ def search_space(method: str, lm: LoadedModel) -> tuple[list[dict[str, Any]], li
         return [{"layers": r} for r in sorted(ranges)], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     if method == "palette":  # its layer and queries follow the paper (C = I), or ROME's whitened C⁻¹k*, which
         # leaves the text of post-norm Gemma-3-270M far less moved; the rank-one updates' sum is scaled down where
-        # a model's text breaks at the full update
-        return [{}, {"covariance": True}], [0.25, 0.5, 0.75, 1.0]
+        # a model's text breaks at the full update. Where the MLP's output is normalised, most δ sit at the clamp
+        # (4‖v₀‖), so a tighter one is tried too (on Gemma-3-270M it kept the text within budget at 0.25)
+        options = [{}, {"covariance": True}]
+        if lm.arch.mlp_output_normed:
+            options.append({"covariance": True, "clamp": 2.0})
+        return options, [0.25, 0.5, 0.75, 1.0]
     raise PersonaEditError(f"calibrate supports {', '.join(CALIBRATED)}; {method!r} has no layer or strength to "
                            "search")
 

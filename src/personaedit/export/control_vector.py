@@ -48,7 +48,6 @@ LLAMA_CPP_ARCH = {
     "gemma3": "gemma3", "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox", "olmo": "olmo",
     "olmo2": "olmo2", "granite": "granite", "stablelm": "stablelm", "cohere": "command-r", "smollm3": "smollm3",
 }
-_POST_MLP_NORM = ("post_feedforward_layernorm",)
 
 
 @dataclass
@@ -164,8 +163,7 @@ def export_control_vector(edit: Edit, out: str | Path, *, model: str | None = No
         lm = load_model(model_spec_for(edit, model), device="cpu", dtype="float32")
         for leaf, _ in parts:
             leaf.check_fits(lm, force=force)
-        layer = lm.arch.layer(0)
-        if any(hasattr(layer, name) for name in _POST_MLP_NORM):
+        if lm.arch.mlp_output_normed:
             raise ExportError(f"{lm.arch.model_type} normalises the MLP's output before adding it to the residual stream, so "
                               "an addition on MLP neurons is no residual vector", ())
     base = next((leaf.base for leaf, _ in parts if leaf.base is not None), None)

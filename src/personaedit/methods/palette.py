@@ -29,7 +29,9 @@ unrelated-text perplexity goes from x6.74 to x1.00, and the full PALETTE edit's 
 queries, strength 1) from x538 to x3.0 on 24 test questions (benchmarks/effect_table.py --model
 gemma-3-270m --methods palette --personas extraversion=high --neutral 4 --set 'palette={"covariance": true}').
 What is left is the stack: 12 whitened updates, 8 of their δ at the clamp, still move the residual stream at
-most tokens by 11-29% (protect on or off), and strength 0.5 costs x2.4.
+most tokens by 11-29% (protect on or off), and strength 0.5 costs x2.4. A tighter clamp (`--clamp 2`) with the
+whitened update keeps Gemma-3-270M's text within the calibration budget at strength 0.25, so `calibrate palette`
+tries it on models whose MLP output is normalised (docs/BENCHMARKS.md, Gemma-3-270M).
 """
 
 from __future__ import annotations

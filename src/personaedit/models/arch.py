@@ -167,6 +167,12 @@ class Architecture:
         return self.embedding.weight.shape[1]
 
     @property
+    def mlp_output_normed(self) -> bool:
+        """True where the MLP's output is normalised before it joins the residual stream (Gemma 2/3's
+        `post_feedforward_layernorm`): a change to `down_proj`'s output is rescaled there, not added as it is."""
+        return hasattr(self.layer(0), "post_feedforward_layernorm")
+
+    @property
     def mlp_size(self) -> int:
         """Width of the MLP hidden activation: the input size of `down_proj`."""
         weight = self.mlp_out(0).weight
