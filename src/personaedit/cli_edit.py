@@ -70,8 +70,8 @@ def _edit_command(spec: MethodSpec):
             False, "--calibrate", help="Choose layers and strength (a weight edit: strength) for this model on "
                                        "validation questions first "
                                        "(`personaedit calibrate`; cached); strength 1 then means the chosen one.")))
-    params += [flag_parameter(option.name, option.annotation, option.default_or_empty, option.help, flag_of(option.name))
-               for option in spec.options]
+    params += [flag_parameter(option.name, option.annotation, option.default_or_empty, option.help,
+                              flag_of(option.name)) for option in spec.options]
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = f"{spec.pretty_name}: {spec.summary}\n\nReference: {spec.reference}."
     return command

@@ -89,7 +89,8 @@ def _type_name(annotation: Any) -> tuple[str, bool]:
     for name, kind in _TYPES.items():
         if annotation is kind:
             return name, False
-    raise TypeError(f"option type {annotation!r} has no command-line form (bool, int, float, str, or one of them | None)")
+    raise TypeError(f"option type {annotation!r} has no command-line form "
+                    "(bool, int, float, str, or one of them | None)")
 
 
 def write(path: Path | None = None) -> Path:
